@@ -1,0 +1,1 @@
+"""pyvision_rl.engines"""
