@@ -1,0 +1,63 @@
+"""The `pyvision-rl` command. Each part of the package registers its own subcommands here.
+
+A registrar is `register(subparsers) -> None`; it adds a subparser whose `func(args) -> int` runs it.
+Heavy imports happen inside `func`, so `pyvision-rl --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Modules exposing `register(subparsers)`. Only subcommands that work are listed.
+_REGISTRARS = [
+    "pyvision_rl.models.cli",
+    "pyvision_rl.data.cli",
+    "pyvision_rl.sandbox.cli",
+    "pyvision_rl.train_cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyvision-rl",
+        description="Agentic multimodal RL (PyVision-RL) on Ray: train VLMs to solve image/video questions with Python.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _REGISTRARS:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:  # that part is not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from pyvision_rl.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # DataError and friends carry a user-facing message
+        if type(e).__name__ in {"DataError", "SandboxError", "ModelLoadError"}:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
