@@ -93,3 +93,34 @@ class Trajectory:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
+
+
+def trajectory_to_dict(t: Trajectory) -> dict[str, Any]:
+    """JSON-safe dict (images as base64 PNG) for trajectory JSONL files (eval dumps, SFT data)."""
+    import base64
+    from dataclasses import asdict
+
+    d = asdict(t)
+    d["end_reason"] = t.end_reason.value
+    d["images"] = [
+        {"png_b64": base64.b64encode(im.png).decode(), "grid_thw": list(im.grid_thw), "source": im.source}
+        for im in t.images
+    ]
+    return d
+
+
+def trajectory_from_dict(d: dict[str, Any]) -> Trajectory:
+    """Inverse of `trajectory_to_dict`; raises KeyError/ValueError on a malformed record."""
+    import base64
+
+    d = dict(d)
+    d["end_reason"] = EndReason(d["end_reason"])
+    d["images"] = [
+        ImageRef(png=base64.b64decode(im["png_b64"]), grid_thw=tuple(im["grid_thw"]), source=im.get("source", "input"))
+        for im in d.get("images", [])
+    ]
+    known = set(Trajectory.__dataclass_fields__)
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown trajectory fields {sorted(unknown)}")
+    return Trajectory(**d)
