@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-class EndReason(str, enum.Enum):
+class EndReason(enum.StrEnum):
     """Why a trajectory stopped (byte-compatible names with the PyVision-RL release)."""
 
     DONE = "DONE"
