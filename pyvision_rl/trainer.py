@@ -1,0 +1,466 @@
+"""The driver: pipelined oversample -> filter -> rank -> learn -> sync loop over Ray actors.
+
+The driver holds ObjectRefs and small per-trajectory summaries, never trajectories or tensors.
+One step:
+  1. chunks of `rollout.gen_batch_size` prompts x `rollout.n` go to the RolloutWorkers (split across them);
+     up to `num_workers + 1` sub-batches are in flight, so the next chunk rolls out while the
+     RewardService scores the current one;
+  2. the RewardService verifies, adds the tool bonus, filters, and returns one ref per surviving group
+     with its reward std;
+  3. once `trainer.train_batch_size` groups survived (or `max_chunks_per_step` chunks were used), the
+     groups are ranked by std and the top ones go to the learner, which trains and syncs weights.
+A dead RolloutWorker/SandboxPool/RewardService is restarted by Ray (max_restarts) and the sub-batches
+it held are re-queued with the same seed; each such event is logged and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pyvision_rl.config import Config, ConfigError, dump_config
+from pyvision_rl.cursor import PromptCursor
+from pyvision_rl.metrics import CollapseMonitor, MetricsLogger, summarize_rollouts
+from pyvision_rl.types import Task
+
+log = logging.getLogger("pyvision_rl")
+
+CKPT_PREFIX = "step_"
+COMPLETE = "COMPLETE"
+
+
+# ----------------------------------------------------------------------------------------- preparation
+def prepare_model(cfg: Config) -> str:
+    """Path of the policy checkpoint: `model.path`, or the tiny model built into the run dir."""
+    if cfg.model.path:
+        p = Path(cfg.model.path)
+        if not (p / "config.json").is_file():
+            raise ConfigError(
+                f"model.path={p} is not a Hugging Face checkpoint directory (no config.json). "
+                "Point it at a Qwen-VL checkpoint, or leave it empty to build the tiny model."
+            )
+        return str(p)
+    from pyvision_rl.models import tiny
+
+    out = cfg.run_dir() / "tiny_model"
+    if not (out / "config.json").is_file():
+        tiny.make_tiny_model(out, cfg.model.tiny, seed=cfg.run.seed)
+    return str(out)
+
+
+def prepare_data(cfg: Config) -> tuple[list[Task], list[Task]]:
+    """Training and held-out tasks: from `data.*_path`, or the synthetic generator into <run>/data."""
+    from pyvision_rl.data import load_tasks
+
+    train_path, eval_path = cfg.data.train_path, cfg.data.eval_path
+    if not train_path:
+        from pyvision_rl.data import synthetic
+
+        s = cfg.data.synthetic
+        out = cfg.run_dir() / "data"
+        tp, ep = out / "train.jsonl", out / "eval.jsonl"
+        if not (tp.is_file() and ep.is_file()):
+            tp, ep = synthetic.make_dataset(out, s.kind, s.n_train, s.n_eval, s.seed)
+        train_path = str(tp)
+        eval_path = eval_path or str(ep)
+    stats: dict[str, Any] = {}
+    train = load_tasks(train_path, skip_bad=cfg.data.skip_bad_rows, stats=stats)
+    if stats.get("skipped"):
+        log.warning("skipped %d bad rows in %s: %s", stats["skipped"], train_path, stats.get("reasons"))
+    held_out = load_tasks(eval_path, skip_bad=cfg.data.skip_bad_rows) if eval_path else []
+    if not train:
+        raise ConfigError(f"data.train_path={train_path}: no usable rows")
+    return train, held_out
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted(
+        (p for p in (run_dir / "checkpoints").glob(f"{CKPT_PREFIX}*") if (p / COMPLETE).exists()),
+        key=lambda p: int(p.name[len(CKPT_PREFIX) :]),
+    )
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_resume(cfg: Config) -> Path | None:
+    r = cfg.run.resume
+    if r == "never":
+        return None
+    if r == "auto":
+        return latest_checkpoint(cfg.run_dir())
+    p = Path(r)
+    if not (p / COMPLETE).exists():
+        raise ConfigError(f"run.resume={r}: not a complete checkpoint directory (no {COMPLETE} marker).")
+    return p
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state().tolist()}
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    import torch
+
+    py = s["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = s["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+
+
+# ----------------------------------------------------------------------------------------- the driver
+@dataclass
+class _SubBatch:
+    """A slice of a chunk assigned to one worker; kept until scored so it can be re-queued."""
+
+    chunk: int
+    groups: list[tuple[Task, int, str]]
+    seed: int
+    worker: int = -1
+    ref: Any = None
+    score_ref: Any = None
+    attempts: int = 0
+
+
+@dataclass
+class _StepState:
+    accepted: list[tuple[str, float, Any]] = field(default_factory=list)  # (group_id, std, ref)
+    summaries: list[dict[str, Any]] = field(default_factory=list)
+    drops: dict[str, int] = field(default_factory=dict)
+    chunks: int = 0
+    t_rollout_wait: float = 0.0
+
+
+class Trainer:
+    """Owns the actors and runs `fit()`. Construct with a validated `Config`."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        self.events: dict[str, int] = {"worker_restarts": 0, "requeued_subbatches": 0, "reward_restarts": 0}
+        self.step = 0
+        self.version = 0
+        self.resume_from = resolve_resume(cfg)
+        self.model_path = prepare_model(cfg)
+        self.train_tasks, self.eval_tasks = prepare_data(cfg)
+        self.cursor = PromptCursor(len(self.train_tasks), cfg.run.seed, cfg.data.shuffle)
+        self.monitor = CollapseMonitor(cfg.logging.collapse_threshold, cfg.logging.collapse_patience)
+        policy_path = self.model_path
+        state: dict[str, Any] | None = None
+        if self.resume_from is not None:
+            state = json.loads((self.resume_from / "trainer_state.json").read_text())
+            policy_path = str(self.resume_from / "model")
+            self.step, self.version = state["step"], state["version"]
+            self.cursor.load_state(state["cursor"])
+            self.events.update(state.get("events", {}))
+            _set_rng_state(state["rng"])
+            log.info("resuming from %s (step %d)", self.resume_from, self.step)
+        else:
+            random.seed(cfg.run.seed)
+            np.random.seed(cfg.run.seed)
+        self.policy_path = policy_path
+        self._start_actors(policy_path)
+        if self.resume_from is not None:
+            self.learners.load(str(self.resume_from))
+        self.logger = MetricsLogger(self.run_dir, cfg, resume_step=self.step)
+
+    # ------------------------------------------------------------------ actors
+    def _start_actors(self, policy_path: str) -> None:
+        import ray
+
+        from pyvision_rl.actors.learner import LearnerGroup
+        from pyvision_rl.actors.reward import RewardService
+        from pyvision_rl.actors.rollout import RolloutWorker
+        from pyvision_rl.actors.sandbox import SandboxPool
+
+        cfg = self.cfg
+        init_ray(cfg)
+        restarts = cfg.trainer.max_actor_restarts
+        cfg_dict = cfg.model_dump(mode="json")
+        self.pools = [
+            SandboxPool.options(num_cpus=cfg.ray.sandbox_num_cpus, max_restarts=restarts, max_task_retries=0).remote(
+                cfg.sandbox.model_dump(mode="json")
+            )
+            for _ in range(cfg.sandbox.num_pools)
+        ]
+        self.workers = [
+            RolloutWorker.options(
+                num_cpus=cfg.rollout.worker_num_cpus, num_gpus=cfg.rollout.worker_num_gpus, max_restarts=restarts
+            ).remote(policy_path, cfg_dict, self.pools)
+            for _ in range(cfg.rollout.num_workers)
+        ]
+        self.rewards = [
+            RewardService.options(num_cpus=cfg.ray.reward_num_cpus, max_restarts=restarts).remote(
+                cfg.reward.model_dump(mode="json"), cfg.rollout.n
+            )
+            for _ in range(cfg.reward.num_services)
+        ]
+        self.learners = LearnerGroup(policy_path, cfg)
+        ray.get([w.ping.remote() for w in self.workers])
+        if self.version:
+            ray.get([w.set_version.remote(self.version) for w in self.workers])
+
+    # ------------------------------------------------------------------ rollouts
+    def _make_groups(self, idx: list[int], chunk_id: int) -> list[tuple[Task, int, str]]:
+        n = self.cfg.rollout.n
+        return [(self.train_tasks[i], n, f"s{self.step}c{chunk_id}g{j}-{self.train_tasks[i].id}") for j, i in enumerate(idx)]
+
+    def _split(self, groups: list, chunk: int, seed: int) -> list[_SubBatch]:
+        w = len(self.workers)
+        parts = [groups[i::w] for i in range(w)]
+        return [_SubBatch(chunk, p, seed * 1000 + k) for k, p in enumerate(parts) if p]
+
+    def _submit(self, sb: _SubBatch, worker: int) -> None:
+        sb.worker = worker
+        sb.attempts += 1
+        sb.ref = self.workers[worker].rollout.remote(sb.groups, self.version, sb.seed)
+        svc = self.rewards[sb.chunk % len(self.rewards)]
+        # A list wrapping the ref keeps Ray from resolving it in the caller: the service fetches it itself.
+        sb.score_ref = svc.score.remote([sb.ref])
+
+    def _collect_step(self) -> _StepState:
+        import ray
+
+        cfg = self.cfg
+        need = cfg.trainer.train_batch_size
+        st = _StepState()
+        pending: deque[_SubBatch] = deque()
+        inflight: list[_SubBatch] = []
+        chunk_starts: dict[int, dict[str, int]] = {}
+        next_chunk = 0
+        next_worker = 0
+        max_inflight = len(self.workers) + 1
+        t0 = time.perf_counter()
+        while True:
+            enough = len(st.accepted) >= need
+            out_of_chunks = next_chunk >= cfg.trainer.max_chunks_per_step
+            if not enough and not out_of_chunks and not pending and len(inflight) < max_inflight:
+                chunk_starts[next_chunk] = self.cursor.state()
+                idx = self.cursor.take(cfg.rollout.gen_batch_size)
+                seed = hash((cfg.run.seed, self.step, next_chunk)) & 0x7FFFFFFF
+                pending.extend(self._split(self._make_groups(idx, next_chunk), next_chunk, seed))
+                next_chunk += 1
+            while pending and len(inflight) < max_inflight:
+                sb = pending.popleft()
+                self._submit(sb, next_worker % len(self.workers))
+                next_worker += 1
+                inflight.append(sb)
+            if not inflight:
+                break
+            if enough:  # speculative chunks are not needed: un-take their prompts (deterministic resume)
+                self._discard(inflight, chunk_starts)
+                break
+            ready, _ = ray.wait([sb.score_ref for sb in inflight], num_returns=1)
+            sb = next(s for s in inflight if s.score_ref == ready[0])
+            inflight.remove(sb)
+            try:
+                res = ray.get(sb.score_ref)
+            except ray.exceptions.RayActorError as e:  # the reward service died: score again
+                self.events["reward_restarts"] += 1
+                log.warning("RewardService died while scoring chunk %d (%s); re-scoring", sb.chunk, e)
+                res = {"failed": [0]}
+            if res.get("failed"):
+                self.events["requeued_subbatches"] += 1
+                self.events["worker_restarts"] += 1
+                log.warning(
+                    "rollout of %d groups (chunk %d) failed on worker %d: %s; re-queued (attempt %d)",
+                    len(sb.groups), sb.chunk, sb.worker, res.get("error", "actor died"), sb.attempts + 1,
+                )
+                if sb.attempts > cfg.trainer.max_actor_restarts + 1:
+                    raise RuntimeError(f"chunk {sb.chunk} failed {sb.attempts} times; last error: {res.get('error')}")
+                pending.appendleft(sb)
+                continue
+            st.accepted.extend(res["accepted"])
+            st.summaries.extend(res["summaries"])
+            for k, v in res["drops"].items():
+                st.drops[k] = st.drops.get(k, 0) + v
+            if not any(s.chunk == sb.chunk for s in inflight) and not any(s.chunk == sb.chunk for s in pending):
+                st.chunks = max(st.chunks, sb.chunk + 1)
+        st.chunks = next_chunk if not inflight else st.chunks
+        st.t_rollout_wait = time.perf_counter() - t0
+        return st
+
+    def _discard(self, inflight: list[_SubBatch], chunk_starts: dict[int, dict[str, int]]) -> None:
+        import ray
+
+        first = min(sb.chunk for sb in inflight)
+        for sb in inflight:
+            ray.cancel(sb.score_ref, force=False)
+        self.cursor.load_state(chunk_starts[first])
+        inflight.clear()
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        total = cfg.trainer.total_steps
+        bar = tqdm(total=total, initial=self.step, desc="rl", disable=not cfg.logging.progress, dynamic_ncols=True)
+        last: dict[str, Any] = {}
+        try:
+            while self.step < total:
+                last = self.train_one_step()
+                bar.update(1)
+                bar.set_postfix(acc=f"{last.get('rollout/acc_mean', float('nan')):.2f}",
+                                tools=f"{last.get('rollout/tool_calls_mean', float('nan')):.2f}")
+                if self.step % cfg.trainer.save_every == 0 or self.step == total:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            self.logger.close()
+        return last
+
+    def train_one_step(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t_step = time.perf_counter()
+        st = self._collect_step()
+        need = cfg.trainer.train_batch_size
+        underfull = len(st.accepted) < need
+        if underfull:
+            msg = (
+                f"step {self.step + 1}: only {len(st.accepted)} of {need} groups survived the filters in "
+                f"{st.chunks} chunks (trainer.max_chunks_per_step={cfg.trainer.max_chunks_per_step}); drops: {st.drops}."
+            )
+            if cfg.trainer.on_underfull == "stop" or not st.accepted:
+                raise RuntimeError(
+                    msg + " Raise trainer.max_chunks_per_step, relax reward.filters, or set trainer.on_underfull=train."
+                )
+            log.warning(msg + " Training on what there is.")
+        ranked = sorted(st.accepted, key=lambda a: (-a[1], a[0]))[:need]
+        t0 = time.perf_counter()
+        train_metrics = self.learners.train_step([ref for _, _, ref in ranked])
+        t_train = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.version += 1
+        self.learners.sync_weights(self.workers, self.version)
+        t_sync = time.perf_counter() - t0
+        self.step += 1
+        t_total = time.perf_counter() - t_step
+        m: dict[str, Any] = {"version": self.version}
+        m.update(summarize_rollouts(st.summaries))
+        trained_ids = {gid for gid, _, _ in ranked}
+        m.update(summarize_rollouts([s for s in st.summaries if s["group_id"] in trained_ids], prefix="train_batch/"))
+        m.update({f"train/{k}": v for k, v in train_metrics.items()})
+        m.update({f"filter/dropped_{k}": v for k, v in st.drops.items()})
+        m["filter/groups_accepted"] = len(st.accepted)
+        m["filter/groups_trained"] = len(ranked)
+        m["filter/underfull"] = int(underfull)
+        m["chunks_used"] = st.chunks
+        stale = [self.version - 1 - s["version"] for s in st.summaries]
+        m["staleness_max"] = max(stale) if stale else 0
+        m["time/rollout_and_reward"] = st.t_rollout_wait
+        m["time/train"] = t_train
+        m["time/sync"] = t_sync
+        m["time/step"] = t_total
+        m["throughput/trajectories_per_s"] = len(st.summaries) / max(st.t_rollout_wait, 1e-9)
+        m["throughput/tokens_per_s"] = sum(s["model_tokens"] for s in st.summaries) / max(st.t_rollout_wait, 1e-9)
+        m.update({f"events/{k}": v for k, v in self.events.items()})
+        m["collapse_warning"] = int(self.monitor.update(m.get("rollout/tool_calls_mean", float("nan")), self.step))
+        if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0 and self.eval_tasks:
+            t0 = time.perf_counter()
+            m.update(self.evaluate_with_workers())
+            m["time/eval"] = time.perf_counter() - t0
+        m["trained_tasks"] = sorted({s["task_id"] for s in st.summaries if s["group_id"] in trained_ids})
+        m["cursor"] = self.cursor.state()
+        self.logger.log(self.step, m)
+        return m
+
+    def evaluate_with_workers(self) -> dict[str, float]:
+        """Held-out accuracy with the current weights (eval sampling settings), through the workers."""
+        import ray
+
+        cfg = self.cfg
+        tasks = self.eval_tasks[: cfg.eval.max_tasks or None]
+        groups = [(t, cfg.eval.k, f"eval{self.step}-{t.id}") for t in tasks]
+        w = len(self.workers)
+        refs = [
+            self.workers[i].evaluate.remote(groups[i::w], self.version, cfg.run.seed)
+            for i in range(w)
+            if groups[i::w]
+        ]
+        summaries = [s for part in ray.get(refs) for s in part]
+        out = summarize_rollouts(summaries, prefix="eval/")
+        return out
+
+    def save_checkpoint(self) -> Path:
+        ck = self.run_dir / "checkpoints" / f"{CKPT_PREFIX}{self.step}"
+        if ck.exists():
+            shutil.rmtree(ck)
+        ck.mkdir(parents=True)
+        self.learners.save(str(ck))
+        state = {
+            "step": self.step,
+            "version": self.version,
+            "cursor": self.cursor.state(),
+            "rng": _rng_state(),
+            "events": self.events,
+        }
+        (ck / "trainer_state.json").write_text(json.dumps(state, default=_json_default))
+        shutil.copy(self.logger.path, ck / "metrics.jsonl")
+        (ck / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self._prune_checkpoints()
+        log.info("saved checkpoint %s", ck)
+        return ck
+
+    def _prune_checkpoints(self) -> None:
+        keep = self.cfg.trainer.keep_checkpoints
+        ckpts = sorted(
+            (p for p in (self.run_dir / "checkpoints").glob(f"{CKPT_PREFIX}*")),
+            key=lambda p: int(p.name[len(CKPT_PREFIX) :]),
+        )
+        for p in ckpts[:-keep] if keep > 0 else []:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def shutdown(self) -> None:
+        try:
+            self.learners.shutdown()
+        except Exception as e:
+            log.debug("learner shutdown: %s", e)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
+
+
+def init_ray(cfg: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kw: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        kw["address"] = address
+    else:
+        kw["include_dashboard"] = False
+        if cfg.ray.num_cpus:
+            kw["num_cpus"] = cfg.ray.num_cpus
+    kw["runtime_env"] = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    ray.init(**kw)
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run RL training to `trainer.total_steps` (resuming per `run.resume`); returns the last metrics."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.shutdown()
