@@ -81,7 +81,9 @@ def _place_objects(rng: random.Random, n: int) -> list[tuple[int, int]]:
     """`n` top-left corners of non-touching OBJ-px objects on the canvas (a coarse jittered grid)."""
     slots = [(r, c) for r in range(CANVAS // 32) for c in range(CANVAS // 32)]
     rng.shuffle(slots)
-    return [(r * 32 + rng.randint(2, 32 - OBJ - 2), c * 32 + rng.randint(2, 32 - OBJ - 2)) for r, c in slots[:n]]
+    return [
+        (r * 32 + rng.randint(2, 32 - OBJ - 2), c * 32 + rng.randint(2, 32 - OBJ - 2)) for r, c in slots[:n]
+    ]
 
 
 def render_small_objects(rng: random.Random, objects: list[str]) -> Image.Image:
@@ -133,10 +135,20 @@ def _make_small_objects(rng: random.Random, idx: int, out_dir: Path, split: str)
     if rng.random() < 0.5:
         count = rng.randint(0, 6)
         objects = [color] * count + [rng.choice(others) for _ in range(rng.randint(2, 8))]
-        question, answer, source, mode = OBJECTS_COUNT_QUESTION.format(color=color), str(count), "synthetic_count", "count"
+        question, answer, source, mode = (
+            OBJECTS_COUNT_QUESTION.format(color=color),
+            str(count),
+            "synthetic_count",
+            "count",
+        )
     else:
         objects = [color] + [rng.choice(others) for _ in range(rng.randint(2, 8))]
-        question, answer, source, mode = OBJECTS_LOCATE_QUESTION.format(color=color), "", "synthetic_locate", "locate"
+        question, answer, source, mode = (
+            OBJECTS_LOCATE_QUESTION.format(color=color),
+            "",
+            "synthetic_locate",
+            "locate",
+        )
     rng.shuffle(objects)
     img = render_small_objects(rng, objects)
     if mode == "locate":
@@ -174,7 +186,11 @@ def _make_video_event(rng: random.Random, idx: int, out_dir: Path, split: str) -
     }
 
 
-_MAKERS = {"color_count": _make_color_count, "small_objects": _make_small_objects, "video_event": _make_video_event}
+_MAKERS = {
+    "color_count": _make_color_count,
+    "small_objects": _make_small_objects,
+    "video_event": _make_video_event,
+}
 
 
 def locate_quadrant(pixels: np.ndarray, rgb: tuple[int, int, int]) -> str:
@@ -251,9 +267,7 @@ def expert_code(task: Task) -> str:
         return (
             "import numpy as np\n"
             "a = np.array(image_clue_0.convert('RGB'))\n"
-            f"n = int((a[7::14, 7::14] == {rgb}).all(-1).sum())\n"
-            + _SHOW.format(arr="a")
-            + "print(n)"
+            f"n = int((a[7::14, 7::14] == {rgb}).all(-1).sum())\n" + _SHOW.format(arr="a") + "print(n)"
         )
     if kind == "small_objects":
         if "quadrant" in task.question:
@@ -271,9 +285,7 @@ def expert_code(task: Task) -> str:
             "import numpy as np\n"
             "a = np.array(image_clue_0.convert('RGB'))\n"
             f"m = (a == {rgb}).all(-1)\n"
-            f"n = int(m.sum()) // {OBJ * OBJ}\n"
-            + _SHOW.format(arr="m")
-            + "print(n)"
+            f"n = int(m.sum()) // {OBJ * OBJ}\n" + _SHOW.format(arr="m") + "print(n)"
         )
     # video_event: a channel threshold that survives lossy coding
     ch = {"red": 0, "green": 1, "blue": 2}[color]
@@ -282,9 +294,7 @@ def expert_code(task: Task) -> str:
         "v = video_clue_0\n"
         "f = v.get_batch(list(range(len(v)))).asnumpy().astype(int)\n"
         f"m = (f[..., {ch}] > 150) & (f.sum(-1) - f[..., {ch}] < 150)\n"
-        "i = int(np.argmax(m.sum((1, 2)) > 20))\n"
-        + _SHOW.format(arr="f[i].astype('uint8')")
-        + "print(i)"
+        "i = int(np.argmax(m.sum((1, 2)) > 20))\n" + _SHOW.format(arr="f[i].astype('uint8')") + "print(i)"
     )
 
 
@@ -316,12 +326,30 @@ def tokenizer_corpus(seed: int = 0, n_per_kind: int = 200) -> list[str]:
         color = rng.choice(list(COLORS))
         vcolor = rng.choice(VIDEO_COLORS)
         tasks = [
-            Task(f"c{i}", COUNT_QUESTION.format(color=color), str(rng.randint(0, 9)), extra={"kind": "color_count"}),
-            Task(f"o{i}", OBJECTS_COUNT_QUESTION.format(color=color), str(rng.randint(0, 6)),
-                 extra={"kind": "small_objects"}),
-            Task(f"l{i}", OBJECTS_LOCATE_QUESTION.format(color=color), rng.choice(QUADRANTS),
-                 extra={"kind": "small_objects"}),
-            Task(f"v{i}", VIDEO_QUESTION.format(color=vcolor), str(rng.randint(1, 47)), extra={"kind": "video_event"}),
+            Task(
+                f"c{i}",
+                COUNT_QUESTION.format(color=color),
+                str(rng.randint(0, 9)),
+                extra={"kind": "color_count"},
+            ),
+            Task(
+                f"o{i}",
+                OBJECTS_COUNT_QUESTION.format(color=color),
+                str(rng.randint(0, 6)),
+                extra={"kind": "small_objects"},
+            ),
+            Task(
+                f"l{i}",
+                OBJECTS_LOCATE_QUESTION.format(color=color),
+                rng.choice(QUADRANTS),
+                extra={"kind": "small_objects"},
+            ),
+            Task(
+                f"v{i}",
+                VIDEO_QUESTION.format(color=vcolor),
+                str(rng.randint(1, 47)),
+                extra={"kind": "video_event"},
+            ),
         ]
         for t in tasks:
             texts.append(t.question)

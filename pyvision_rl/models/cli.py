@@ -9,13 +9,17 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     from pyvision_rl.config import TinyModelConfig
     from pyvision_rl.models.tiny import make_tiny_model
 
-    cfg = TinyModelConfig(family=args.family, **({"hidden_size": args.hidden_size} if args.hidden_size else {}))
+    cfg = TinyModelConfig(
+        family=args.family, **({"hidden_size": args.hidden_size} if args.hidden_size else {})
+    )
     out = make_tiny_model(args.out, cfg, seed=args.seed)
     from pyvision_rl.models.loading import load_policy
 
     model, processor = load_policy(out)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"wrote {cfg.family} tiny model to {out}: {n_params:,} parameters, vocab {len(processor.tokenizer)}")
+    print(
+        f"wrote {cfg.family} tiny model to {out}: {n_params:,} parameters, vocab {len(processor.tokenizer)}"
+    )
     return 0
 
 

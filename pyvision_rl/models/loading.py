@@ -43,13 +43,28 @@ _FAMILIES = {"qwen2_5_vl": TinyQwen2_5_VLProcessor, "qwen3_vl": TinyQwen3VLProce
 _DEFAULT_IMAGE = {
     "qwen2_5_vl": {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2},
     "qwen3_vl": {
-        "patch_size": 16, "merge_size": 2, "temporal_patch_size": 2,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "patch_size": 16,
+        "merge_size": 2,
+        "temporal_patch_size": 2,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
     },
 }
-_IMAGE_KEYS = ("patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std", "min_pixels",
-               "max_pixels", "size", "do_resize", "do_rescale", "rescale_factor", "do_normalize",
-               "do_convert_rgb")
+_IMAGE_KEYS = (
+    "patch_size",
+    "merge_size",
+    "temporal_patch_size",
+    "image_mean",
+    "image_std",
+    "min_pixels",
+    "max_pixels",
+    "size",
+    "do_resize",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "do_convert_rgb",
+)
 
 
 def family_of(model_type: str) -> str:
@@ -58,11 +73,19 @@ def family_of(model_type: str) -> str:
         return "qwen2_5_vl"
     if model_type in ("qwen3_vl", "qwen3_vl_moe"):
         return "qwen3_vl"
-    raise ValueError(f"unsupported model_type {model_type!r} (expected qwen2_5_vl, qwen2_vl, qwen3_vl, qwen3_vl_moe)")
+    raise ValueError(
+        f"unsupported model_type {model_type!r} (expected qwen2_5_vl, qwen2_vl, qwen3_vl, qwen3_vl_moe)"
+    )
 
 
-def build_processor(tokenizer, family: str, chat_template: str | None = None,
-                    min_pixels: int | None = None, max_pixels: int | None = None, **image_kwargs: Any):
+def build_processor(
+    tokenizer,
+    family: str,
+    chat_template: str | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    **image_kwargs: Any,
+):
     """An image-only Qwen-VL processor around `tokenizer` with a PIL image processor (no torchvision)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -106,7 +129,9 @@ def _image_settings(path: Path) -> dict:
 
 def _check_dir(path: Path) -> dict:
     if not path.is_dir():
-        raise ModelLoadError(f"{path}: not a directory; pass a HF checkpoint dir (make one: pyvision-rl make-tiny-model --out DIR)")
+        raise ModelLoadError(
+            f"{path}: not a directory; pass a HF checkpoint dir (make one: pyvision-rl make-tiny-model --out DIR)"
+        )
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ModelLoadError(f"{path}: no config.json; this is not a HF checkpoint directory")
@@ -129,8 +154,10 @@ def load_processor(path: str | Path, min_pixels: int | None = None, max_pixels: 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
-        raise ModelLoadError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e}); "
-                             "the dir needs tokenizer.json/tokenizer_config.json") from e
+        raise ModelLoadError(
+            f"{path}: cannot load the tokenizer ({type(e).__name__}: {e}); "
+            "the dir needs tokenizer.json/tokenizer_config.json"
+        ) from e
     if tokenizer.convert_tokens_to_ids("<|image_pad|>") in (None, tokenizer.unk_token_id):
         raise ModelLoadError(f"{path}: the tokenizer has no <|image_pad|> token; not a Qwen-VL tokenizer")
     chat_template = getattr(tokenizer, "chat_template", None)
@@ -149,8 +176,13 @@ def load_processor(path: str | Path, min_pixels: int | None = None, max_pixels: 
         raise ModelLoadError(f"{path}: cannot build the processor ({type(e).__name__}: {e})") from e
 
 
-def load_policy(path: str | Path, dtype=None, device: str = "cpu", min_pixels: int | None = None,
-                max_pixels: int | None = None):
+def load_policy(
+    path: str | Path,
+    dtype=None,
+    device: str = "cpu",
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+):
     """Load a Qwen-VL checkpoint dir as (model, processor). `dtype` None or "auto": bf16 on CUDA, fp32 on CPU.
 
     Raises ModelLoadError naming the path and the problem.

@@ -87,7 +87,9 @@ def _template_texts() -> list[str]:
             try:
                 texts.append(
                     value.format(
-                        query="How many red squares are there?", width=112, height=112,
+                        query="How many red squares are there?",
+                        width=112,
+                        height=112,
                         video_info="Frame Width: 64; Frame Height: 64;\nVideo Length: 32; Sample FPS: 8.00\n"
                         "The original video has been read into the global variable `video_clue_0`.",
                     )
@@ -101,7 +103,12 @@ def tokenizer_training_corpus(extra_corpus: list[str] | None = None) -> list[str
     """The texts the tiny tokenizer is trained on (templates, protocol, synthetic expert data, extra)."""
     from pyvision_rl.data.synthetic import tokenizer_corpus
 
-    return _template_texts() + _PROTOCOL_STRINGS + tokenizer_corpus(TOKENIZER_CORPUS_SEED) + list(extra_corpus or [])
+    return (
+        _template_texts()
+        + _PROTOCOL_STRINGS
+        + tokenizer_corpus(TOKENIZER_CORPUS_SEED)
+        + list(extra_corpus or [])
+    )
 
 
 def build_tokenizer(vocab_size: int = 600, extra_corpus: list[str] | None = None):
@@ -130,7 +137,9 @@ def build_tokenizer(vocab_size: int = 600, extra_corpus: list[str] | None = None
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
-        additional_special_tokens=[t for t in QWEN_SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")],
+        additional_special_tokens=[
+            t for t in QWEN_SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")
+        ],
         model_max_length=32768,
         padding_side="left",
         clean_up_tokenization_spaces=False,
@@ -191,14 +200,19 @@ def build_config(cfg: TinyModelConfig, tokenizer):
         from transformers import Qwen2_5_VLConfig
 
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope}
-        vision.update(window_size=112, fullatt_block_indexes=list(range(cfg.vision_depth)), tokens_per_second=2)
+        vision.update(
+            window_size=112, fullatt_block_indexes=list(range(cfg.vision_depth)), tokens_per_second=2
+        )
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
     if cfg.family == "qwen3_vl":
         from transformers import Qwen3VLConfig
 
         text["head_dim"] = head_dim
         text["rope_parameters"] = {
-            "rope_type": "default", "rope_theta": 5e6, "mrope_section": mrope, "mrope_interleaved": True
+            "rope_type": "default",
+            "rope_theta": 5e6,
+            "mrope_section": mrope,
+            "mrope_interleaved": True,
         }
         vision.update(num_position_embeddings=256, deepstack_visual_indexes=[0])
         vision["hidden_act"] = "gelu_pytorch_tanh"
@@ -245,7 +259,11 @@ def make_tiny_model(
     pc_file = out / "processor_config.json"
     if pc_file.is_file():
         pc = json.loads(pc_file.read_text())
-        pc["processor_class"] = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}[cfg.family]
+        pc["processor_class"] = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}[
+            cfg.family
+        ]
         pc_file.write_text(json.dumps(pc, indent=2, sort_keys=True) + "\n")
-    (out / "tiny_model.json").write_text(json.dumps({"config": cfg.model_dump(), "seed": seed}, indent=1) + "\n")
+    (out / "tiny_model.json").write_text(
+        json.dumps({"config": cfg.model_dump(), "seed": seed}, indent=1) + "\n"
+    )
     return out
