@@ -1,0 +1,408 @@
+"""The sandbox contract (DESIGN.md §3) and the machinery both backends share.
+
+`Sandbox.open(images, videos) -> Kernel` gives a persistent interpreter for one trajectory;
+`Kernel.execute(code, timeout_s) -> ExecResult` never raises: a timeout, a crash or a dead box come back
+as an error result, and the next `execute` on the same Kernel transparently starts a fresh interpreter
+(the earlier variables are lost; the error text says so). `SandboxError` is raised only for setup
+problems a user must fix (no engine, no image, missing bubblewrap, unreadable task file).
+
+Both backends run `kernel.py` as a long-lived process and talk to it over its stdin/stdout with
+length-prefixed JSON frames; only how the process is started, killed and how bytes travel differs.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import struct
+import tempfile
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+from pyvision_rl.config import SandboxConfig
+from pyvision_rl.types import ExecResult
+
+KERNEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.py")
+
+
+class SandboxError(RuntimeError):
+    """A setup problem the user must fix; the message says what to do."""
+
+
+class KernelDied(Exception):
+    """Internal: the kernel process ended or the channel broke."""
+
+
+class KernelTimeout(Exception):
+    """Internal: no reply before the deadline."""
+
+
+class Kernel(ABC):
+    """A persistent interpreter for one trajectory."""
+
+    @abstractmethod
+    def execute(self, code: str, timeout_s: float | None = None) -> ExecResult:
+        """Run one cell; never raises. `timeout_s=None` uses the sandbox's `timeout_s`."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Discard the interpreter and its box (idempotent)."""
+
+    def __enter__(self) -> Kernel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Sandbox(ABC):
+    """A source of kernels (a backend plus its warm pool)."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def open(self, images: list[str] | None = None, videos: list[str] | None = None) -> Kernel:
+        """A fresh kernel with `image_clue_i` / `video_clue_i` bound to the given files (read-only)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop every kernel and warm box this sandbox started."""
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_sandbox(cfg: SandboxConfig | None = None) -> Sandbox:
+    """Build the backend named by `cfg.backend` ('docker', 'process', or 'auto': docker if an engine
+    answers and the image exists, else process)."""
+    cfg = cfg or SandboxConfig()
+    if cfg.backend == "docker":
+        from pyvision_rl.sandbox.docker_backend import DockerSandbox
+
+        return DockerSandbox(cfg)
+    if cfg.backend == "process":
+        from pyvision_rl.sandbox.process_backend import ProcessSandbox
+
+        return ProcessSandbox(cfg)
+    if cfg.backend == "auto":
+        from pyvision_rl.sandbox.docker_backend import docker_available
+
+        ok, _why = docker_available(cfg.image)
+        if ok:
+            from pyvision_rl.sandbox.docker_backend import DockerSandbox
+
+            return DockerSandbox(cfg)
+        from pyvision_rl.sandbox.process_backend import ProcessSandbox
+
+        return ProcessSandbox(cfg)
+    raise SandboxError(f"sandbox.backend={cfg.backend!r} is not one of docker, process, auto")
+
+
+# ------------------------------------------------------------------------------------------ framing
+def encode_frame(msg: dict) -> bytes:
+    data = json.dumps(msg).encode("utf-8")
+    return struct.pack(">I", len(data)) + data
+
+
+def kernel_settings(cfg: SandboxConfig, rlimits: bool) -> dict:
+    """The kernel's argv[1]: output/figure caps, and rlimits for backends without cgroups."""
+    s = {
+        "max_stdout_bytes": cfg.max_stdout_bytes,
+        "max_images": cfg.max_images_per_exec,
+        "max_pixels": cfg.max_image_pixels,
+    }
+    if rlimits:
+        s.update(
+            memory_bytes=cfg.memory_mb * 1024 * 1024,
+            nproc=cfg.pids,
+            fsize_bytes=cfg.tmpfs_mb * 1024 * 1024,
+        )
+    return s
+
+
+# ------------------------------------------------------------------------------------------ task files
+class TaskDir:
+    """A per-box host directory, mounted read-only in the box at `mount_point`, that receives the task's
+    files when the box is handed to a trajectory.
+
+    Why: a warm box is started before its task is known, and neither Docker nor bwrap can add a mount to
+    a running box. Files placed later in an already-mounted directory appear inside it, so `stage()` hard-
+    links them in (O(1), no copy for big videos) or copies them (other filesystem, or a file the box's
+    non-root user could not read: hard links share the inode's mode, which we must not change). Sending
+    bytes over the channel would work for images but costs a copy of every video through a pipe.
+    """
+
+    def __init__(self, mount_point: str, root: str | None = None) -> None:
+        self.host = tempfile.mkdtemp(prefix="pyvision-sbx-", dir=root)
+        os.chmod(self.host, 0o755)
+        self.mount_point = mount_point
+        self._n = 0
+
+    def stage(self, paths: list[str], kind: str) -> list[str]:
+        """Place `paths` in the directory; returns their paths as the box sees them."""
+        out = []
+        for p in paths:
+            if not os.path.isfile(p):
+                raise SandboxError(
+                    f"task {kind} file {p!r} does not exist or is not a file; fix the task row"
+                )
+            base = os.path.basename(p)
+            name = f"{kind}_{self._n}_{base}"
+            self._n += 1
+            dst = os.path.join(self.host, name)
+            st = os.stat(p)
+            linked = False
+            if st.st_mode & 0o004:  # world-readable: the box user can read a hard link
+                try:
+                    os.link(p, dst)
+                    linked = True
+                except OSError:
+                    linked = False
+            if not linked:
+                try:
+                    shutil.copyfile(p, dst)
+                except OSError as e:
+                    raise SandboxError(f"cannot read task {kind} file {p!r}: {e}") from e
+                os.chmod(dst, 0o644)
+            out.append(f"{self.mount_point}/{name}")
+        return out
+
+    def remove(self) -> None:
+        shutil.rmtree(self.host, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ boxes
+class Box(ABC):
+    """One started kernel process in its box (container or bwrap), before/after it serves a task."""
+
+    def __init__(self, taskdir: TaskDir) -> None:
+        self.taskdir = taskdir
+        self.started_at = time.monotonic()
+        self.pid_in_box: int | None = None
+
+    @abstractmethod
+    def send(self, data: bytes) -> None:
+        """Write raw bytes to the kernel's stdin (raises KernelDied)."""
+
+    @abstractmethod
+    def recv_exact(self, n: int, deadline: float | None) -> bytes:
+        """Read n bytes of the kernel's stdout (raises KernelDied / KernelTimeout)."""
+
+    @abstractmethod
+    def kill(self) -> None:
+        """Kill the box and free its resources (idempotent, fast; slow cleanup may run in background)."""
+
+    @abstractmethod
+    def death_reason(self) -> str:
+        """Why the box died, for the error text (exit code, OOM)."""
+
+    def request(self, msg: dict, deadline: float | None) -> dict:
+        self.send(encode_frame(msg))
+        return self.read_reply(deadline)
+
+    def read_reply(self, deadline: float | None) -> dict:
+        (n,) = struct.unpack(">I", self.recv_exact(4, deadline))
+        return json.loads(self.recv_exact(n, deadline).decode("utf-8"))
+
+    def wait_ready(self, timeout_s: float) -> dict:
+        reply = self.read_reply(time.monotonic() + timeout_s)
+        if reply.get("op") != "ready":
+            raise KernelDied(f"unexpected first message {reply!r}")
+        self.pid_in_box = reply.get("pid")
+        return reply
+
+    def healthy(self, timeout_s: float = 2.0) -> bool:
+        try:
+            return self.request({"op": "ping"}, time.monotonic() + timeout_s).get("op") == "pong"
+        except (KernelDied, KernelTimeout, OSError, ValueError):
+            return False
+
+
+class WarmPool:
+    """Keeps `size` started, ready boxes; `take()` hands out a healthy one (or starts one on demand).
+
+    A background thread refills the pool; a box that fails its health check is killed and replaced.
+    """
+
+    def __init__(self, start_box: Callable[[], Box], size: int, name: str) -> None:
+        self._start_box = start_box
+        self._size = max(0, int(size))
+        self._ready: list[Box] = []
+        self._lock = threading.Condition()
+        self._closed = False
+        self._starting = 0
+        self.started = 0
+        self.replaced = 0
+        self._thread = threading.Thread(target=self._refill_loop, name=f"{name}-warm-pool", daemon=True)
+        self._thread.start()
+
+    def _refill_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and len(self._ready) + self._starting >= self._size:
+                    self._lock.wait(timeout=1.0)
+                if self._closed:
+                    return
+                self._starting += 1
+            box = None
+            try:
+                box = self._start_box()
+            except Exception:  # noqa: BLE001 - keep the refill thread alive; take() reports errors
+                time.sleep(1.0)
+            finally:
+                with self._lock:
+                    self._starting -= 1
+                    if box is not None:
+                        if self._closed:
+                            box.kill()
+                        else:
+                            self._ready.append(box)
+                            self.started += 1
+                    self._lock.notify_all()
+
+    def take(self) -> Box:
+        """A started, healthy box: from the pool if one is ready, else started now."""
+        while True:
+            with self._lock:
+                box = self._ready.pop(0) if self._ready else None
+                self._lock.notify_all()
+            if box is None:
+                box = self._start_box()
+                self.started += 1
+                return box
+            if box.healthy():
+                return box
+            self.replaced += 1
+            box.kill()
+
+    def ready_count(self) -> int:
+        with self._lock:
+            return len(self._ready)
+
+    def wait_full(self, timeout_s: float = 60.0) -> bool:
+        """Block until the pool holds `size` ready boxes (benchmarks and tests)."""
+        end = time.monotonic() + timeout_s
+        with self._lock:
+            while len(self._ready) < self._size and time.monotonic() < end:
+                self._lock.wait(timeout=0.1)
+            return len(self._ready) >= self._size
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            boxes, self._ready = self._ready, []
+            self._lock.notify_all()
+        for b in boxes:
+            b.kill()
+
+
+class StreamKernel(Kernel):
+    """A Kernel over a Box: executes cells, turns every failure into an ExecResult, and swaps in a
+    fresh box (with the same task files) on the next execute after the old one died."""
+
+    def __init__(self, sandbox: PooledSandbox, images: list[str], videos: list[str]) -> None:
+        self._sandbox = sandbox
+        self._cfg = sandbox.cfg
+        self._images = list(images)
+        self._videos = list(videos)
+        self._box: Box | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        self.restarts = 0
+        self._box = self._fresh_box()  # setup errors (bad files) raise SandboxError here
+
+    def _fresh_box(self) -> Box:
+        box = self._sandbox.pool.take()
+        try:
+            imgs = box.taskdir.stage(self._images, "image")
+            vids = box.taskdir.stage(self._videos, "video")
+            reply = box.request({"op": "init", "images": imgs, "videos": vids}, time.monotonic() + 60.0)
+        except SandboxError:
+            box.kill()
+            raise
+        except (KernelDied, KernelTimeout, OSError, ValueError) as e:
+            box.kill()
+            raise SandboxError(f"the sandbox kernel failed while loading the task files: {e}") from e
+        if reply.get("error"):
+            box.kill()
+            raise SandboxError(f"{reply['error']} (images={self._images}, videos={self._videos})")
+        return box
+
+    def execute(self, code: str, timeout_s: float | None = None) -> ExecResult:
+        timeout = float(self._cfg.timeout_s if timeout_s is None else timeout_s)
+        t0 = time.monotonic()
+        with self._lock:
+            if self._closed:
+                return ExecResult(error="The interpreter was closed.", duration_s=0.0)
+            if self._box is None:
+                try:
+                    self._box = self._fresh_box()
+                    self.restarts += 1
+                except Exception as e:  # noqa: BLE001 - execute never raises
+                    return ExecResult(
+                        error=f"The interpreter could not be restarted: {e}", duration_s=time.monotonic() - t0
+                    )
+            box = self._box
+            try:
+                reply = box.request({"op": "exec", "code": code}, t0 + timeout)
+            except KernelTimeout:
+                box.kill()
+                self._box = None
+                return ExecResult(
+                    error=f"Execution timed out after {timeout:g} s and the interpreter was stopped; the next "
+                    "execution starts a fresh interpreter (variables defined earlier are lost).",
+                    timed_out=True,
+                    duration_s=time.monotonic() - t0,
+                )
+            except (KernelDied, OSError, ValueError, struct.error):
+                why = box.death_reason()
+                box.kill()
+                self._box = None
+                return ExecResult(
+                    error=f"The interpreter died ({why}); the next execution starts a fresh interpreter "
+                    "(variables defined earlier are lost).",
+                    duration_s=time.monotonic() - t0,
+                )
+        return ExecResult(
+            stdout=reply.get("stdout", ""),
+            images=[base64.b64decode(s) for s in reply.get("images", [])],
+            error=reply.get("error"),
+            timed_out=False,
+            duration_s=time.monotonic() - t0,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._box is not None:
+                self._box.kill()
+                self._box = None
+
+
+class PooledSandbox(Sandbox):
+    """A Sandbox backed by a WarmPool of boxes; backends implement `_start_box()`."""
+
+    def __init__(self, cfg: SandboxConfig) -> None:
+        self.cfg = cfg
+        self._check()
+        self.pool = WarmPool(self._start_box, cfg.warm_kernels, self.name)
+
+    def _check(self) -> None:
+        """Raise SandboxError when the backend cannot work here."""
+
+    @abstractmethod
+    def _start_box(self) -> Box:
+        """Start one box running the kernel and wait until it reports ready."""
+
+    def open(self, images: list[str] | None = None, videos: list[str] | None = None) -> Kernel:
+        return StreamKernel(self, list(images or []), list(videos or []))
+
+    def close(self) -> None:
+        self.pool.close()

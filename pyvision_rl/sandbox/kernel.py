@@ -1,0 +1,480 @@
+"""The in-box interpreter: one long-lived Python process per trajectory.
+
+Runs inside the sandbox (Docker container or bwrap process) with only the box's libraries, so it imports
+nothing from pyvision_rl. It must work on Debian bookworm's stack (Python 3.11, numpy 1.24, matplotlib
+3.6, Pillow 9.4, PyAV 10) and on the host venv's newer versions.
+
+Wire protocol (host <-> kernel, over the kernel's stdin/stdout): frames of a 4-byte big-endian length
+followed by that many bytes of UTF-8 JSON. Requests: {"op": "init", "images": [...], "videos": [...]},
+{"op": "exec", "code": "..."}, {"op": "ping"}. Each request gets one reply frame. At start-up the kernel
+sends {"op": "ready"} once its libraries are imported, so a warm kernel has paid the import cost.
+
+Usage: python3 kernel.py '<json settings>'  (settings: max_stdout_bytes, max_images, max_pixels,
+memory_bytes, nproc, fsize_bytes; the last three set rlimits, 0 = leave as is).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import linecache
+import os
+import struct
+import sys
+import time
+import traceback
+
+# ---------------------------------------------------------------------------- settings and rlimits
+SETTINGS = {
+    "max_stdout_bytes": 8192,
+    "max_images": 8,
+    "max_pixels": 4_000_000,
+    "max_aspect": 200.0,
+    "memory_bytes": 0,
+    "nproc": 0,
+    "fsize_bytes": 0,
+}
+if len(sys.argv) > 1:
+    SETTINGS.update(json.loads(sys.argv[1]))
+
+
+def _set_rlimits() -> None:
+    # The process backend has no cgroups: rlimits are its memory/pids/file-size caps. In Docker they
+    # are a second layer under the cgroup limits. Lowering a limit never needs privileges.
+    import resource
+
+    for name, key in (
+        ("RLIMIT_AS", "memory_bytes"),
+        ("RLIMIT_NPROC", "nproc"),
+        ("RLIMIT_FSIZE", "fsize_bytes"),
+    ):
+        value = int(SETTINGS.get(key) or 0)
+        if value > 0:
+            try:
+                resource.setrlimit(getattr(resource, name), (value, value))
+            except (ValueError, OSError):
+                pass
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError):
+        pass
+
+
+# ---------------------------------------------------------------------------- the private channel
+# Keep the host channel on private descriptors, then point fds 0/1/2 elsewhere so that nothing the
+# user's code does (os.write(1, ...), subprocesses, C libraries) can corrupt the protocol stream.
+_CHAN_IN = os.dup(0)
+_CHAN_OUT = os.dup(1)
+_devnull = os.open(os.devnull, os.O_RDONLY)
+os.dup2(_devnull, 0)
+os.close(_devnull)
+_TMP = os.environ.get("TMPDIR") or "/tmp"
+try:
+    # Raw fd-level output of user code (subprocesses, os.write) lands here and is appended to stdout.
+    _FD_OUT = os.open(os.path.join(_TMP, ".kernel-fd-output"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+except OSError:
+    _FD_OUT = os.open(os.devnull, os.O_RDWR)
+os.dup2(_FD_OUT, 1)
+os.dup2(_FD_OUT, 2)
+sys.stdin = open(os.devnull)  # noqa: SIM115 - lives for the life of the process
+
+
+def _read_exact(n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = os.read(_CHAN_IN, n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv() -> dict | None:
+    head = _read_exact(4)
+    if head is None:
+        return None
+    (n,) = struct.unpack(">I", head)
+    body = _read_exact(n)
+    return None if body is None else json.loads(body.decode("utf-8"))
+
+
+def _send(msg: dict) -> None:
+    data = json.dumps(msg).encode("utf-8")
+    data = struct.pack(">I", len(data)) + data
+    view = memoryview(data)
+    while view:
+        k = os.write(_CHAN_OUT, view)
+        view = view[k:]
+
+
+# ---------------------------------------------------------------------------- output capture
+class _Capture(io.TextIOBase):
+    """A text stream that keeps the first `limit` bytes and counts the rest (so a 100 MB flood is cheap)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[str] = []
+        self.kept = 0
+        self.dropped = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        room = self.limit - self.kept
+        if room > 0:
+            piece = s[:room]
+            n = len(piece.encode("utf-8", "replace"))
+            self.parts.append(piece)
+            self.kept += n
+            self.dropped += len(s) - len(piece)
+        else:
+            self.dropped += len(s)
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+    def add_raw(self, data: bytes) -> None:
+        if data:
+            self.write(data.decode("utf-8", "replace"))
+
+    def text(self) -> str:
+        out = "".join(self.parts)
+        if len(out.encode("utf-8", "replace")) > self.limit:  # multibyte chars: trim to the byte budget
+            out = out.encode("utf-8", "replace")[: self.limit].decode("utf-8", "ignore")
+        if self.dropped:
+            if out and not out.endswith("\n"):
+                out += "\n"
+            out += f"... [output truncated: {self.dropped} more characters not shown]\n"
+        return out
+
+
+def _drain_fd_output(cap: _Capture) -> None:
+    try:
+        size = os.lseek(_FD_OUT, 0, os.SEEK_END)
+        if size:
+            os.lseek(_FD_OUT, 0, os.SEEK_SET)
+            cap.add_raw(os.read(_FD_OUT, min(size, cap.limit + 1)))
+            if size > cap.limit + 1:
+                cap.dropped += size - cap.limit - 1
+            os.ftruncate(_FD_OUT, 0)
+            os.lseek(_FD_OUT, 0, os.SEEK_SET)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------- figures
+_shown: list[bytes] = []
+_notes: list[str] = []
+
+
+def _show(*args, **kwargs) -> None:
+    """plt.show(): render the current figure to PNG (within the pixel cap) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig = plt.gcf()
+    try:
+        if len(_shown) >= int(SETTINGS["max_images"]):
+            _notes.append(f"[figure not returned: at most {SETTINGS['max_images']} images per execution]")
+            return
+        w_in, h_in = fig.get_size_inches()
+        dpi = float(fig.dpi)
+        if w_in <= 0 or h_in <= 0:
+            _notes.append("[figure not returned: it has zero size]")
+            return
+        aspect = max(w_in / h_in, h_in / w_in)
+        if aspect >= float(SETTINGS["max_aspect"]):
+            _notes.append(f"[figure not returned: aspect ratio {aspect:.0f} >= {SETTINGS['max_aspect']:.0f}]")
+            return
+        # Check size * dpi BEFORE rendering: Agg would allocate w*h*4 bytes (a 100000x100000 figure is
+        # 40 TB). Oversized figures are rendered at a lower dpi so they fit the pixel cap.
+        max_px = float(SETTINGS["max_pixels"])
+        if w_in * h_in * dpi * dpi > max_px:
+            dpi = (max_px / (w_in * h_in)) ** 0.5
+            _notes.append(
+                f"[figure downscaled to {int(w_in * dpi)}x{int(h_in * dpi)} pixels (cap {int(max_px)})]"
+            )
+            if w_in * dpi < 1 or h_in * dpi < 1:
+                _notes.append("[figure not returned: too small after downscaling]")
+                return
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi)
+        _shown.append(buf.getvalue())
+    finally:
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- video reader (decord API)
+class NDArray:
+    """Minimal stand-in for decord.ndarray.NDArray: holds a numpy array, `.asnumpy()` returns it."""
+
+    def __init__(self, array) -> None:
+        self._a = array
+
+    def asnumpy(self):
+        return self._a
+
+    @property
+    def shape(self):
+        return self._a.shape
+
+    def __array__(self, dtype=None, copy=None):
+        return self._a if dtype is None else self._a.astype(dtype)
+
+
+def cpu(dev_id: int = 0) -> str:
+    """decord.cpu() stand-in (the context is ignored: decoding is always on the CPU)."""
+    return "cpu"
+
+
+def gpu(dev_id: int = 0) -> str:
+    return "cpu"
+
+
+class VideoReader:
+    """decord.VideoReader's API on PyAV: len(v), v.get_avg_fps(), v[i].asnumpy(), v.get_batch(idx).asnumpy().
+
+    Frame-accurate: frame i is the i-th frame in presentation order. The packet timestamps are indexed
+    once at open (demux only, no decoding); a read seeks to the nearest keyframe before the target and
+    decodes forward to the exact timestamp, reusing the decoder position for forward reads.
+    """
+
+    def __init__(self, uri, ctx=None, width: int = -1, height: int = -1, num_threads: int = 0, **_: object):
+        import av
+
+        self._path = str(uri)
+        self._size = (int(width), int(height))
+        self._container = av.open(self._path)
+        stream = self._container.streams.video[0]
+        self._stream = stream
+        self._tb = stream.time_base
+        pts = []
+        for packet in self._container.demux(stream):
+            if packet.pts is not None and packet.size > 0:
+                pts.append(packet.pts)
+        pts.sort()
+        self._pts = pts
+        self._index = {p: i for i, p in enumerate(pts)}
+        rate = stream.average_rate or stream.guessed_rate
+        if rate:
+            self._fps = float(rate)
+        elif len(pts) > 1 and self._tb:
+            self._fps = (len(pts) - 1) / float((pts[-1] - pts[0]) * self._tb)
+        else:
+            self._fps = 0.0
+        self._iter = None  # decoder generator positioned after frame index self._pos
+        self._pos = -1
+
+    def __len__(self) -> int:
+        return len(self._pts)
+
+    def get_avg_fps(self) -> float:
+        return self._fps
+
+    def get_frame_timestamp(self, idx):
+        import numpy as np
+
+        idx = np.asarray(idx).reshape(-1)
+        start = np.array([float((self._pts[i] - self._pts[0]) * self._tb) for i in idx])
+        return np.stack([start, start + (1.0 / self._fps if self._fps else 0.0)], axis=1)
+
+    def _norm(self, i: int) -> int:
+        i = int(i)
+        if i < 0:
+            i += len(self._pts)
+        if not 0 <= i < len(self._pts):
+            raise IndexError(f"frame index {i} out of range for a video of {len(self._pts)} frames")
+        return i
+
+    def _to_array(self, frame):
+        w, h = self._size
+        if w > 0 and h > 0:
+            return frame.to_ndarray(format="rgb24", width=w, height=h)
+        return frame.to_ndarray(format="rgb24")
+
+    def _frame(self, i: int):
+        target = self._pts[i]
+        # Forward reads within the current GOP-ish window continue decoding; otherwise seek.
+        if self._iter is None or i <= self._pos or i - self._pos > 64:
+            self._container.seek(int(target), stream=self._stream, backward=True, any_frame=False)
+            self._iter = self._container.decode(self._stream)
+            self._pos = -1
+        for frame in self._iter:
+            if frame.pts is None:
+                continue
+            k = self._index.get(frame.pts)
+            if k is None:
+                continue
+            self._pos = k
+            if k == i:
+                return self._to_array(frame)
+            if k > i:  # the seek landed past the target (bad index): decode from the start
+                break
+        self._container.seek(0, stream=self._stream, backward=True, any_frame=False)
+        self._iter = self._container.decode(self._stream)
+        self._pos = -1
+        for frame in self._iter:
+            k = self._index.get(frame.pts)
+            if k is not None:
+                self._pos = k
+                if k == i:
+                    return self._to_array(frame)
+        raise IndexError(f"frame {i} could not be decoded from {self._path}")
+
+    def __getitem__(self, idx):
+
+        if isinstance(idx, slice):
+            return self.get_batch(range(*idx.indices(len(self))))
+        return NDArray(self._frame(self._norm(idx)))
+
+    def get_batch(self, indices) -> NDArray:
+        import numpy as np
+
+        idx = [
+            self._norm(i)
+            for i in np.asarray(list(indices) if not hasattr(indices, "shape") else indices).reshape(-1)
+        ]
+        frames = {}
+        for i in sorted(set(idx)):
+            frames[i] = self._frame(i)
+        if not idx:
+            return NDArray(np.zeros((0, 0, 0, 3), dtype=np.uint8))
+        return NDArray(np.stack([frames[i] for i in idx]))
+
+    def seek(self, pos: int) -> None:
+        self._pos = -1
+        self._iter = None
+
+    def __repr__(self) -> str:
+        return f"VideoReader({self._path!r}, frames={len(self)}, fps={self._fps:.2f})"
+
+
+# ---------------------------------------------------------------------------- execution
+_MAIN_PID = os.getpid()
+USER_GLOBALS: dict = {"__name__": "__main__", "__builtins__": __builtins__}
+_cell_no = 0
+
+
+def _preload() -> None:
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import PIL
+    import PIL.Image
+
+    plt.show = _show
+    USER_GLOBALS.update(
+        {
+            "np": np,
+            "numpy": np,
+            "plt": plt,
+            "matplotlib": matplotlib,
+            "PIL": PIL,
+            "Image": PIL.Image,
+            "io": io,
+            "base64": base64,
+            "os": os,
+            "VideoReader": VideoReader,
+            "cpu": cpu,
+            "gpu": gpu,
+        }
+    )
+
+
+def _user_traceback(exc: BaseException, filename_prefix: str) -> str:
+    """The traceback of the user's cell only: frames of the kernel itself are dropped."""
+    if isinstance(exc, SyntaxError):
+        return "".join(traceback.format_exception_only(type(exc), exc)).rstrip()
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.startswith(filename_prefix)]
+    lines = ["Traceback (most recent call last):\n"] if frames else []
+    lines += traceback.format_list(frames[-8:])
+    lines += traceback.format_exception_only(type(exc), exc)
+    return "".join(lines).rstrip()
+
+
+def _exec(code: str) -> dict:
+    global _cell_no
+    _cell_no += 1
+    name = f"<cell-{_cell_no}>"
+    cap = _Capture(int(SETTINGS["max_stdout_bytes"]))
+    _shown.clear()
+    _notes.clear()
+    error = None
+    old = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = cap
+    t0 = time.perf_counter()
+    try:
+        linecache.cache[name] = (len(code), None, code.splitlines(True), name)
+        compiled = compile(code, name, "exec")
+        exec(compiled, USER_GLOBALS)
+    except BaseException as e:  # noqa: BLE001 - SystemExit/KeyboardInterrupt from user code are errors too
+        error = _user_traceback(e, "<cell-")
+    finally:
+        if os.getpid() != _MAIN_PID:
+            # A process the user's code forked has finished the cell: it must never answer on the
+            # channel (the host would read two replies), so it leaves here.
+            os._exit(0)
+        sys.stdout, sys.stderr = old
+    _drain_fd_output(cap)
+    for note in _notes:
+        cap.write(note + "\n")
+    return {
+        "stdout": cap.text(),
+        "images": [base64.b64encode(p).decode("ascii") for p in _shown],
+        "error": error,
+        "duration_s": time.perf_counter() - t0,
+    }
+
+
+def _init(images: list, videos: list) -> dict:
+    import PIL.Image
+
+    try:
+        for i, path in enumerate(images):
+            img = PIL.Image.open(path)
+            img.load()
+            USER_GLOBALS[f"image_clue_{i}"] = img
+        for i, path in enumerate(videos):
+            USER_GLOBALS[f"video_clue_{i}"] = VideoReader(path)
+    except Exception as e:  # noqa: BLE001 - reported to the host as a setup error
+        return {"error": f"could not load task file: {type(e).__name__}: {e}"}
+    return {"error": None}
+
+
+def main() -> None:
+    _preload()
+    _set_rlimits()
+    try:  # start-up noise of the libraries (e.g. fontconfig warnings) is not the user's output
+        os.ftruncate(_FD_OUT, 0)
+        os.lseek(_FD_OUT, 0, os.SEEK_SET)
+    except OSError:
+        pass
+    _send({"op": "ready", "pid": os.getpid(), "python": sys.version.split()[0]})
+    while True:
+        msg = _recv()
+        if msg is None:
+            return
+        op = msg.get("op")
+        if op == "exec":
+            reply = _exec(msg.get("code", ""))
+        elif op == "init":
+            reply = _init(msg.get("images", []), msg.get("videos", []))
+        elif op == "ping":
+            reply = {"op": "pong"}
+        else:
+            reply = {"error": f"unknown op {op!r}"}
+        try:
+            _send(reply)
+        except BrokenPipeError:
+            return
+
+
+if __name__ == "__main__":
+    main()
