@@ -81,6 +81,12 @@ def _read_rows(path: Path) -> list[tuple[int, Any]]:
     return list(enumerate(data, start=1))
 
 
+def _get(raw: dict, key: str, default: Any) -> Any:
+    """raw[key], with None (a missing Parquet cell) meaning absent."""
+    value = raw.get(key)
+    return default if value is None else value
+
+
 class _BadJSON:
     def __init__(self, error: str) -> None:
         self.error = error
@@ -224,8 +230,8 @@ class _RowParser:
                 raise self.error(field, "missing", f"each row needs 'question' and 'answer'; {_SKIP_HINT}")
         question = self._str(raw["question"], "question")
         answer = self._str(raw["answer"], "answer")
-        source = self._str(raw.get("data_source", "default"), "data_source")
-        rid = self._str(raw.get("id", f"{self.path.stem}-{self.row}"), "id")
+        source = self._str(_get(raw, "data_source", "default"), "data_source")
+        rid = self._str(_get(raw, "id", f"{self.path.stem}-{self.row}"), "id")
         extra = raw.get("extra") or {}
         if not isinstance(extra, dict):
             raise self.error("extra", f"expected an object, got {type(extra).__name__}")
@@ -261,8 +267,8 @@ class _RowParser:
             question = prompt_text.replace("<image>", "").replace("<video>", "").strip()
         else:
             raise self.error("extra_info.question", "missing (and no 'prompt' text to fall back on)")
-        source = self._str(raw.get("data_source", "default"), "data_source")
-        index = info.get("index", raw.get("id", self.row))
+        source = self._str(_get(raw, "data_source", "default"), "data_source")
+        index = _get(info, "index", _get(raw, "id", self.row))
         extra: dict[str, Any] = {k: raw[k] for k in ("env_name", "ability") if raw.get(k) is not None}
         if prompt_text:
             extra["prompt"] = prompt_text
