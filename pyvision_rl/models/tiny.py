@@ -121,7 +121,10 @@ def build_tokenizer(vocab_size: int = 600, extra_corpus: list[str] | None = None
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # No GPT-2 word-splitting regex: merges may cross spaces and punctuation, so the expert's fixed code
+    # lines become a few tokens and a tool turn is ~20 generated tokens instead of ~120 (the tiny model
+    # then only has to choose the colour's RGB and copy the printed number).
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
