@@ -1,0 +1,77 @@
+"""Fixtures for the sandbox tests: one warm sandbox per backend per module (docker ones skip with a
+reason when no engine answers or the image is missing)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from pyvision_rl.config import SandboxConfig
+
+IMAGE = "pyvision-sandbox:latest"
+
+
+def sandbox_cfg(backend: str, **kw) -> SandboxConfig:
+    base = dict(backend=backend, image=IMAGE, warm_kernels=2, timeout_s=3.0, memory_mb=512, pids=64,
+                tmpfs_mb=16, max_stdout_bytes=2048, max_images_per_exec=4, max_image_pixels=1_000_000)
+    base.update(kw)
+    return SandboxConfig(**base)
+
+
+def skip_reason(backend: str) -> str | None:
+    if backend == "docker":
+        from pyvision_rl.sandbox.docker_backend import docker_available
+
+        ok, why = docker_available(IMAGE)
+        return None if ok else f"docker backend unavailable: {why}"
+    if shutil.which("bwrap") is None:
+        return "process backend unavailable: bubblewrap is not installed (make sysdeps)"
+    return None
+
+
+BACKENDS = [pytest.param("process", id="process"), pytest.param("docker", id="docker", marks=pytest.mark.docker)]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def sandbox(request):
+    """A started sandbox of each backend (module scope: the warm pool is shared by the module's tests)."""
+    reason = skip_reason(request.param)
+    if reason:
+        pytest.skip(reason)
+    from pyvision_rl.sandbox.base import make_sandbox
+
+    sb = make_sandbox(sandbox_cfg(request.param))
+    yield sb
+    sb.close()
+
+
+@pytest.fixture(scope="session")
+def test_image(tmp_path_factory):
+    """A 200x100 RGB image: left half red, right half blue."""
+    from PIL import Image
+
+    p = tmp_path_factory.mktemp("img") / "clue.png"
+    img = Image.new("RGB", (200, 100), (255, 0, 0))
+    img.paste((0, 0, 255), (100, 0, 200, 100))
+    img.save(p)
+    return str(p)
+
+
+@pytest.fixture(scope="session")
+def test_video(tmp_path_factory):
+    """A 40-frame 64x48 video at 10 fps whose frame i is uniformly gray level 6*i (B-frames, GOP 8)."""
+    import av
+    import numpy as np
+
+    p = tmp_path_factory.mktemp("vid") / "clue.mp4"
+    with av.open(str(p), "w") as out:
+        s = out.add_stream("libx264", rate=10, options={"g": "8", "bf": "2", "crf": "10"})
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(40):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 6 * i, np.uint8), format="rgb24")
+            for pkt in s.encode(frame):
+                out.mux(pkt)
+        for pkt in s.encode():
+            out.mux(pkt)
+    return str(p)
