@@ -197,3 +197,42 @@ def test_cli_make_tiny_model(tmp_path, capsys):
     assert "parameters" in capsys.readouterr().out
     model, _ = load_policy(tmp_path / "m")
     assert model.config.get_text_config().hidden_size == 64
+
+
+def test_load_real_checkpoint_layout(tmp_path, tiny_model_dir):
+    """A dir laid out like the released Qwen2.5-VL checkpoints (flat preprocessor_config.json with
+    min/max_pixels, chat_template.json, no processor_config.json) loads with its pixel bounds applied."""
+    real = tmp_path / "real"
+    real.mkdir()
+    for f in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
+        (real / f).write_bytes((tiny_model_dir / f).read_bytes())
+    (real / "chat_template.json").write_text(
+        json.dumps({"chat_template": (tiny_model_dir / "chat_template.jinja").read_text()})
+    )
+    (real / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "Qwen2VLImageProcessor",
+                "processor_class": "Qwen2_5_VLProcessor",
+                "min_pixels": 28 * 28,
+                "max_pixels": 56 * 56,
+                "patch_size": 14,
+                "merge_size": 2,
+                "temporal_patch_size": 2,
+            }
+        )
+    )
+    model, processor = load_policy(real)
+    _, grids = encode_images(processor, [_noise(112, 112, 5)])
+    assert grids == [(1, 4, 4)]  # 112x112 was scaled down to the 56x56 pixel cap
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    assert "<|image_pad|>" in processor.apply_chat_template(msgs, tokenize=False)
+    # an explicit override wins over the file
+    _, grids = encode_images(load_processor(real, max_pixels=112 * 112), [_noise(112, 112, 5)])
+    assert grids == [(1, 8, 8)]
