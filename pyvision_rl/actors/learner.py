@@ -1,0 +1,188 @@
+"""Learner actors: W ranks of `learner.engine.PolicyLearner`, and the LearnerGroup the driver talks to.
+
+The driver passes ObjectRefs (one per accepted group, from the RewardService); each rank takes
+`refs[rank::W]` and fetches only those, so trajectories never pass through the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+
+from pyvision_rl.config import Config
+from pyvision_rl.learner.batching import shard_for_rank
+from pyvision_rl.learner.weight_sync import make_sync_backend, pack_bucket
+
+log = logging.getLogger("pyvision_rl.learner")
+
+
+@ray.remote
+class Learner:
+    """One learner rank. Construct cheaply, then `setup(master_addr, master_port)` on all ranks at once."""
+
+    def __init__(self, model_path: str, cfg: dict, rank: int, world_size: int) -> None:
+        self.model_path = model_path
+        self.cfg = Config.model_validate(cfg)
+        self.rank, self.world_size = rank, world_size
+        self.learner = None
+        self._sync_pg = None
+
+    def address(self) -> tuple[str, int]:
+        from pyvision_rl.actors.weight_sync import free_address
+
+        return free_address()
+
+    def setup(self, master_addr: str, master_port: int) -> bool:
+        from pyvision_rl.learner.engine import PolicyLearner
+
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(master_port)
+        if self.cfg.learner.num_gpus_per_rank > 0:
+            os.environ.setdefault("LOCAL_RANK", "0")  # Ray sets CUDA_VISIBLE_DEVICES to this rank's GPU
+        self.learner = PolicyLearner(
+            self.model_path, self.cfg.learner, self.cfg.model, self.rank, self.world_size,
+            temperature=self.cfg.rollout.temperature,
+            device=None if self.cfg.learner.num_gpus_per_rank > 0 else "cpu",
+        )
+        return True
+
+    def _fetch(self, refs: Sequence) -> list:
+        mine = shard_for_rank(list(refs), self.rank, self.world_size)
+        groups = ray.get(mine) if mine else []
+        return [t for g in groups for t in (g if isinstance(g, list) else [g])]
+
+    def train_step(self, refs: Sequence) -> dict[str, float]:
+        return self.learner.train_step(self._fetch(refs))
+
+    def sft_step(self, refs: Sequence, lr: float | None = None) -> dict[str, float]:
+        return self.learner.sft_step(self._fetch(refs), lr)
+
+    def eval_loss(self, refs: Sequence) -> float:
+        return self.learner.eval_loss(self._fetch(refs))
+
+    def save(self, path: str) -> bool:
+        self.learner.save(path)
+        return True
+
+    def load(self, path: str) -> bool:
+        self.learner.load(path)
+        return True
+
+    def model_token_logprobs(self, refs: Sequence) -> list:
+        """Log-probs of the model tokens of ALL trajectories behind `refs` (every rank runs the same forwards)."""
+        groups = ray.get(list(refs))
+        trajs = [t for g in groups for t in (g if isinstance(g, list) else [g])]
+        return self.learner.model_token_logprobs(trajs)
+
+    def state_dict_for_sync(self) -> dict | None:
+        """Full parameters on CPU from rank 0 (others return None); small models, tests and debugging."""
+        sd = self.learner.state_dict_for_sync()
+        return sd if self.rank == 0 else None
+
+    def param_metadata(self) -> list:
+        return self.learner.param_metadata()
+
+    # ---- weight sync (see pyvision_rl.actors.weight_sync)
+    def publish_weights(self, bucket_mb: int) -> list | None:
+        """All ranks gather (ZeRO-3); rank 0 puts packed buckets in the object store and returns the refs."""
+        refs = []
+        for bucket in self.learner.iter_weight_buckets(bucket_mb):
+            if self.rank == 0:
+                refs.append(ray.put(pack_bucket(bucket)))
+        return refs if self.rank == 0 else None
+
+    def weight_sync_address(self) -> tuple[str, int]:
+        return self.address()
+
+    def join_weight_group(self, addr: str, port: int, world_size: int, backend: str) -> bool:
+        from pyvision_rl.actors.weight_sync import new_process_group
+
+        self._sync_pg = new_process_group(addr, port, 0, world_size, backend)
+        return True
+
+    def broadcast_weights(self, bucket_mb: int) -> int:
+        """All ranks gather (ZeRO-3); rank 0 broadcasts each bucket to the engines over the sync group."""
+        from pyvision_rl.actors.weight_sync import broadcast
+        from pyvision_rl.learner.weight_sync import flatten_bucket
+
+        n = 0
+        device = str(self.learner.device)
+        for bucket in self.learner.iter_weight_buckets(bucket_mb, device=device):
+            if self.rank == 0:
+                flat = flatten_bucket(bucket)
+                broadcast(self._sync_pg, flat)
+                n += flat.numel()
+        return n
+
+    def shutdown(self) -> bool:
+        if self.learner is not None:
+            self.learner.close()
+        return True
+
+
+class LearnerGroup:
+    """W Learner actors (`learner.world_size`) with their process group, as the driver uses them.
+
+    `LearnerGroup(model_path, cfg)`; `train_step(refs) -> metrics`; `sft_step(refs, lr)`;
+    `sync_weights(engines, version) -> stats`; `save(dir)`; `load(dir)`; `shutdown()`.
+    """
+
+    def __init__(self, model_path: str, cfg: Config) -> None:
+        self.cfg = cfg
+        lc = cfg.learner
+        W = lc.world_size
+        cfg_dict = cfg.model_dump(mode="json")
+        self.actors = [
+            Learner.options(num_cpus=cfg.ray.learner_num_cpus, num_gpus=lc.num_gpus_per_rank).remote(
+                model_path, cfg_dict, r, W
+            )
+            for r in range(W)
+        ]
+        addr, port = ray.get(self.actors[0].address.remote())
+        ray.get([a.setup.remote(addr, port) for a in self.actors])  # all ranks join together
+        self.sync_backend = make_sync_backend(cfg.sync.backend, cfg.sync.bucket_mb, on_gpu=lc.num_gpus_per_rank > 0)
+        self.version = 0
+
+    def _all(self, method: str, *args) -> list:
+        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def train_step(self, refs: Sequence) -> dict[str, float]:
+        """One RL step on the group refs (each rank fetches `refs[rank::W]`); metrics are already all-reduced."""
+        return self._all("train_step", list(refs))[0]
+
+    def sft_step(self, refs: Sequence, lr: float | None = None) -> dict[str, float]:
+        return self._all("sft_step", list(refs), lr)[0]
+
+    def eval_loss(self, refs: Sequence) -> float:
+        return self._all("eval_loss", list(refs))[0]
+
+    def model_token_logprobs(self, refs: Sequence) -> list:
+        return self._all("model_token_logprobs", list(refs))[0]
+
+    def state_dict_for_sync(self) -> dict:
+        return self._all("state_dict_for_sync")[0]
+
+    def sync_weights(self, engines: Sequence[Any], version: int | None = None) -> dict[str, float]:
+        """Push the current weights to every engine as `version` (default: the last version + 1)."""
+        self.version = self.version + 1 if version is None else int(version)
+        stats = self.sync_backend.sync(self, list(engines), self.version)
+        log.debug("weight sync v%d: %s", self.version, stats)
+        return stats
+
+    def save(self, path: str) -> None:
+        """`path/model` (HF dir) from rank 0 and `path/learner` (DeepSpeed state) from every rank."""
+        self._all("save", path)
+
+    def load(self, path: str) -> None:
+        self._all("load", path)
+
+    def shutdown(self) -> None:
+        """Barrier, leave the process group, and end the actors."""
+        try:
+            self._all("shutdown")
+        finally:
+            for a in self.actors:
+                ray.kill(a)

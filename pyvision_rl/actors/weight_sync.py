@@ -1,0 +1,191 @@
+"""Ray weight-sync backends behind `pyvision_rl.learner.weight_sync` (the seam and the engine contract).
+
+- `object_store`: learner rank 0 packs buckets into contiguous byte buffers and `ray.put`s them; each
+  engine actor fetches them itself (the driver only moves refs) and calls `update_weights(bucket, version)`.
+- `nccl`: learner rank 0 and every engine join a second process group (TCPStore on rank 0's node) once; each
+  sync broadcasts the gathered buckets from rank 0 straight into the engines' GPUs. `gloo` is the same
+  code on CPU (tests run it here). Importable without a GPU: NCCL is only touched when used.
+
+Code runs inside an engine actor through Ray's `__ray_call__`, so an engine actor only needs the
+`update_weights(named_tensors, version)` method; a plain in-process engine object works too.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import ray
+import torch
+import torch.distributed as dist
+
+from pyvision_rl.learner.weight_sync import (
+    PackedBucket,
+    ParamMeta,
+    WeightSyncBackend,
+    meta_nbytes,
+    plan_buckets,
+    register_sync_backend,
+    unflatten_bucket,
+    unpack_bucket,
+)
+
+_GROUP_ATTR = "_pyvision_weight_group"
+
+
+def _call_on(engine: Any, fn, *args):
+    """Run `fn(engine, *args)` inside the engine's actor (a ref back) or in-process (a value)."""
+    if hasattr(engine, "__ray_call__"):
+        return engine.__ray_call__.remote(fn, *args)
+    return fn(engine, *args)
+
+
+def _get(x: list) -> list:
+    refs = [r for r in x if isinstance(r, ray.ObjectRef)]
+    return ray.get(refs) if refs else x
+
+
+# ----------------------------------------------------------------------------------------- object store
+
+
+def apply_packed_buckets(engine: Any, bucket_refs: list, version: int) -> int:
+    """Engine side: fetch each bucket (one at a time, bounding memory) and hand it to update_weights."""
+    n = 0
+    for ref in bucket_refs:
+        packed: PackedBucket = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+        engine.update_weights(unpack_bucket(packed), version)
+        n += packed.nbytes
+    return n
+
+
+@register_sync_backend("object_store")
+class ObjectStoreSync(WeightSyncBackend):
+    """CPU path. `source` is a LearnerGroup (its actors publish) or anything with `publish_weights(bucket_mb)`."""
+
+    def sync(self, source: Any, engines: Sequence[Any], version: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        actors = getattr(source, "actors", None)
+        if actors is not None:  # every rank joins the ZeRO-3 gathers; rank 0 returns the refs
+            refs = ray.get([a.publish_weights.remote(self.bucket_mb) for a in actors])[0]
+        else:
+            refs = source.publish_weights(self.bucket_mb)
+        n_buckets = len(refs)
+        nbytes = _get([_call_on(e, apply_packed_buckets, refs, version) for e in engines])
+        del refs  # the buckets leave the object store once the engines are done
+        return {
+            "seconds": time.perf_counter() - t0,
+            "bytes": float(nbytes[0]) if nbytes else 0.0,
+            "buckets": float(n_buckets),
+            "version": version,
+        }
+
+
+# ----------------------------------------------------------------------------------------- collectives
+
+
+def free_address() -> tuple[str, int]:
+    """This node's IP and a free port (for the weight-sync TCPStore on learner rank 0)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+def new_process_group(addr: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float = 600.0):
+    """A process group independent of the default one (the learner's DeepSpeed group stays untouched)."""
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(addr, port, world_size, is_master=rank == 0, timeout=timeout)
+    prefix = dist.PrefixStore(f"pyvision_weight_sync_{port}", store)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        pg = dist.ProcessGroupNCCL(prefix, rank, world_size, opts)
+    elif backend == "gloo":
+        pg = dist.ProcessGroupGloo(prefix, rank, world_size, timeout)
+    else:
+        raise ValueError(f"weight sync backend {backend!r}: use nccl (GPU) or gloo (CPU)")
+    return pg
+
+
+def broadcast(pg, tensor: torch.Tensor, root: int = 0) -> None:
+    opts = dist.BroadcastOptions()
+    opts.rootRank = root
+    pg.broadcast([tensor], opts).wait()
+
+
+def join_group(engine: Any, addr: str, port: int, rank: int, world_size: int, backend: str) -> bool:
+    """Engine side: join the weight-sync group (kept on the engine object)."""
+    setattr(engine, _GROUP_ATTR, (new_process_group(addr, port, rank, world_size, backend), backend))
+    return True
+
+
+def has_group(engine: Any) -> bool:
+    return getattr(engine, _GROUP_ATTR, None) is not None
+
+
+def receive_broadcast(engine: Any, buckets: list[list[ParamMeta]], version: int) -> int:
+    """Engine side: receive every bucket from learner rank 0 and hand it to update_weights."""
+    pg, backend = getattr(engine, _GROUP_ATTR)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    n = 0
+    for bucket in buckets:
+        flat = torch.empty(sum(meta_nbytes(m) for m in bucket), dtype=torch.uint8, device=device)
+        broadcast(pg, flat)
+        engine.update_weights(unflatten_bucket(flat, bucket), version)
+        n += flat.numel()
+    return n
+
+
+class CollectiveSync(WeightSyncBackend):
+    """Broadcast from learner rank 0 (rank 0 of the sync group) to engines 1..E. `source` is a LearnerGroup."""
+
+    backend = "nccl"
+
+    def __init__(self, bucket_mb: int = 256) -> None:
+        super().__init__(bucket_mb)
+        self._engine_ids: list[Any] | None = None
+        self.metadata: list[ParamMeta] | None = None
+
+    def _setup(self, source: Any, engines: Sequence[Any]) -> None:
+        rank0 = source.actors[0]
+        addr, port = ray.get(rank0.weight_sync_address.remote())
+        world = 1 + len(engines)
+        calls = [rank0.join_weight_group.remote(addr, port, world, self.backend)]
+        calls += [_call_on(e, join_group, addr, port, i + 1, world, self.backend) for i, e in enumerate(engines)]
+        _get(calls)
+        self.metadata = ray.get(rank0.param_metadata.remote())
+        self._engine_ids = [id(e) if not hasattr(e, "_actor_id") else e._actor_id for e in engines]
+
+    def sync(self, source: Any, engines: Sequence[Any], version: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        ids = [id(e) if not hasattr(e, "_actor_id") else e._actor_id for e in engines]
+        # A restarted engine actor lost its group: set the whole group up again.
+        if ids != self._engine_ids or not all(_get([_call_on(e, has_group) for e in engines])):
+            self._setup(source, engines)
+        buckets = plan_buckets(self.metadata, self.bucket_mb)
+        recv = [_call_on(e, receive_broadcast, buckets, version) for e in engines]
+        send = [a.broadcast_weights.remote(self.bucket_mb) for a in source.actors]
+        got = _get(recv + send)
+        return {
+            "seconds": time.perf_counter() - t0,
+            "bytes": float(got[0]) if engines else 0.0,
+            "buckets": float(len(buckets)),
+            "version": version,
+        }
+
+
+@register_sync_backend("nccl")
+class NcclSync(CollectiveSync):
+    """GPU: NCCL broadcast of ZeRO-3-gathered, bucketed parameters into the engines' GPU memory."""
+
+    backend = "nccl"
+
+
+@register_sync_backend("gloo")
+class GlooSync(CollectiveSync):
+    """The collective path over gloo on CPU (tests and CPU clusters without a shared object store)."""
+
+    backend = "gloo"
