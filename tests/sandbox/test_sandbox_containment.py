@@ -59,8 +59,9 @@ def test_attack_is_contained(sandbox, attack, tmp_path):
             assert len(res.stdout.encode()) < 2048 + 200
         elif expect == "small_image":
             assert res.error is None and len(res.images) == 1
-            from PIL import Image
             import io
+
+            from PIL import Image
 
             w, h = Image.open(io.BytesIO(res.images[0])).size
             assert w * h <= 1_000_000 and "downscaled" in res.stdout

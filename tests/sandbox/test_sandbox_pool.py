@@ -1,0 +1,100 @@
+"""KernelPool (queueing, per-trajectory kernels, metrics), the SandboxPool Ray actor, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from sandbox_helpers import sandbox_cfg, skip_reason
+
+from pyvision_rl.sandbox.pool import KernelPool
+
+
+@pytest.fixture(scope="module")
+def pool():
+    if skip_reason("process"):
+        pytest.skip(skip_reason("process"))
+    p = KernelPool(sandbox_cfg("process", max_kernels=2, warm_kernels=2))
+    yield p
+    p.shutdown()
+
+
+def test_pool_kernels_are_per_trajectory_and_queue(pool):
+    pool.open("a")
+    pool.open("b")
+    assert pool.execute("a", "x = 'A'").ok and pool.execute("b", "x = 'B'").ok
+    assert pool.execute("a", "print(x)").stdout == "A\n"
+    assert pool.execute("b", "print(x)").stdout == "B\n"
+    # max_kernels=2: a third trajectory waits until one closes.
+    opened = threading.Event()
+    t = threading.Thread(target=lambda: (pool.open("c"), opened.set()))
+    t.start()
+    time.sleep(0.3)
+    assert not opened.is_set() and pool.metrics()["sandbox/queue_depth"] == 1
+    pool.close("a")
+    assert opened.wait(30)
+    t.join()
+    assert pool.execute("c", "print('c')").stdout == "c\n"
+    unknown = pool.execute("a", "print(1)")
+    assert unknown.error and "open first" in unknown.error
+    with pytest.raises(TimeoutError):
+        pool.open("d", wait_s=0.2)
+    r = pool.execute("b", "while True: pass", timeout_s=1.0)
+    assert r.timed_out
+    m = pool.metrics()
+    assert m["sandbox/timeouts"] == 1 and m["sandbox/live_kernels"] == 2 and m["sandbox/executions"] >= 6
+    assert 0 < m["sandbox/exec_p50_ms"] <= m["sandbox/exec_p99_ms"]
+    pool.close("b")
+    pool.close("c")
+    assert pool.metrics()["sandbox/live_kernels"] == 0
+
+
+def test_sandbox_pool_actor_runs_trajectories_concurrently():
+    if skip_reason("process"):
+        pytest.skip(skip_reason("process"))
+    ray = pytest.importorskip("ray")
+    from pyvision_rl.actors.sandbox import SandboxPool
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        actor = SandboxPool.remote(sandbox_cfg("process", max_kernels=4, warm_kernels=4).model_dump())
+        ray.get([actor.open.remote(f"t{i}") for i in range(4)])
+        t0 = time.monotonic()
+        # Four 0.5 s cells at once: concurrent execution takes ~0.5 s, sequential would take 2 s.
+        res = ray.get(
+            [actor.execute.remote(f"t{i}", f"import time; time.sleep(0.5); print({i})") for i in range(4)]
+        )
+        elapsed = time.monotonic() - t0
+        assert [r.stdout for r in res] == ["0\n", "1\n", "2\n", "3\n"]
+        assert elapsed < 1.6, elapsed
+        m = ray.get(actor.metrics.remote())
+        assert m["sandbox/live_kernels"] == 4 and m["sandbox/executions"] == 4
+        ray.get([actor.close.remote(f"t{i}") for i in range(4)])
+        ray.get(actor.shutdown.remote())
+    finally:
+        ray.shutdown()
+
+
+def test_cli_sandbox_run(tmp_path, test_image):
+    if skip_reason("process"):
+        pytest.skip(skip_reason("process"))
+    code = tmp_path / "cell.py"
+    code.write_text("print(image_clue_0.size)\nplt.imshow(image_clue_0); plt.show()\n")
+    out = tmp_path / "imgs"
+    r = subprocess.run(
+        [sys.executable, "-m", "pyvision_rl.cli", "sandbox", "run", str(code), "--image", test_image,
+         "--backend", "process", "--timeout", "20", "--save-images", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["stdout"] == "(200, 100)\n" and res["error"] is None and res["n_images"] == 1
+    assert res["image_sizes"] == [[640, 480]] and (out / "image_0.png").exists()
+    code.write_text("1/0\n")
+    r = subprocess.run([sys.executable, "-m", "pyvision_rl.cli", "sandbox", "run", str(code), "--backend", "process"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 1 and "ZeroDivisionError" in json.loads(r.stdout)["error"]
