@@ -1,0 +1,136 @@
+"""RolloutWorker actors on real Ray (CPU) with SandboxPool actors (process backend) shared by two workers:
+the tiny model through the HF engine, and the scripted expert (the SFT-data path) solving image and video
+tasks through the real sandbox."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # ~45 s: Ray start, actor imports, kernels
+
+from pyvision_rl.agent.protocol import ChatTokens  # noqa: E402
+from pyvision_rl.config import Config  # noqa: E402
+from pyvision_rl.types import EndReason, Task  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    from pyvision_rl.data.synthetic import make_dataset
+
+    out = tmp_path_factory.mktemp("rw-data")
+    train, _ = make_dataset(out, "mixed", 3, 0, seed=1)
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    return [
+        Task(id=r["id"], question=r["question"], answer=str(r["answer"]), data_source=r["data_source"],
+             images=[str(out / r["image_path"])] if "image_path" in r else [],
+             videos=[str(out / r["video_path"])] if "video_path" in r else [], extra=r.get("extra", {}))
+        for r in rows
+    ]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    c = Config()
+    c.sandbox.backend = "process"
+    c.sandbox.warm_kernels = 2
+    c.sandbox.timeout_s = 10.0
+    c.rollout.prompt_template = "tiny_tool"
+    c.rollout.max_new_tokens = 24
+    c.rollout.max_total_len = 1024
+    return c
+
+
+@pytest.fixture(scope="module")
+def pool(ray_cluster, cfg):
+    from pyvision_rl.actors.sandbox import SandboxPool
+
+    p = SandboxPool.remote(cfg.sandbox.model_dump(mode="json"))
+    yield p
+    ray.get(p.shutdown.remote())
+
+
+def _valid(t, tokenizer):
+    assert len(t.response_ids) == len(t.loss_mask) == len(t.rollout_logprobs)
+    assert t.vision_ok and t.length <= 1024
+    ct = ChatTokens(tokenizer)
+    assert not any(tok in ct.vision_ids for tok, m in zip(t.response_ids, t.loss_mask, strict=True) if m)
+    assert t.visual_tokens == ct.count_image_tokens(t.prompt_ids + t.response_ids)
+
+
+def test_tiny_model_worker_rolls_out_image_and_video_groups(ray_cluster, cfg, pool, tasks, tiny_model_dir):
+    from pyvision_rl.actors.rollout import RolloutWorker
+    from pyvision_rl.models import load_processor
+
+    w = RolloutWorker.options(num_cpus=0.5).remote(str(tiny_model_dir), cfg.model_dump(mode="json"), [pool])
+    assert ray.get(w.ping.remote())["engine"] == "HFEngine"
+    ray.get(w.set_version.remote(4))
+    groups = [(t, 2, f"g{i}") for i, t in enumerate(tasks)]
+    ref = w.rollout.remote(groups, 4, 11)
+    assert isinstance(ref, ray.ObjectRef)
+    trajs = ray.get(ref)
+    assert len(trajs) == 6 and [t.group_id for t in trajs] == ["g0", "g0", "g1", "g1", "g2", "g2"]
+    tok = load_processor(tiny_model_dir).tokenizer
+    for t in trajs:
+        _valid(t, tok)
+        assert t.version == 4 and sum(t.loss_mask) > 0
+        assert all(lp < 0 for lp, m in zip(t.rollout_logprobs, t.loss_mask, strict=True) if m)
+        # a random tiny model writes neither code nor an answer: its turn is cut or malformed
+        assert t.end_reason in (EndReason.ERROR_IN_ACTION, EndReason.OVER_LENGTH, EndReason.DONE)
+    kinds = {t.extra["kind"] for t in trajs}
+    assert kinds == {"image", "video"}
+    # weights: push a modified state dict and see the version travel with the next trajectories
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tiny_model_dir / "model.safetensors"))
+    name = next(k for k in sd if k.endswith("lm_head.weight"))
+    ray.get(w.update_weights.remote({name: (sd[name] * 0.5).numpy()}, 5))
+    (t,) = ray.get(w.rollout.remote([(tasks[0], 1, "g9")], 5, 0))
+    assert t.version == 5 and ray.get(w.version.remote()) == 5
+    ray.get(w.shutdown.remote())
+    ray.kill(w)
+
+
+def test_scripted_expert_workers_share_a_pool_and_solve_image_and_video_tasks(
+        ray_cluster, cfg, pool, tasks, tiny_model_dir):
+    from pyvision_rl.actors.rollout import RolloutWorker
+    from pyvision_rl.data.synthetic import expert_turns
+
+    turns = {t.id: expert_turns(t, use_tool=True) for t in tasks}
+
+    def factory(c, path):  # built inside the actor
+        from pyvision_rl.agent.scripted import ScriptedEngine
+        from pyvision_rl.models import load_processor
+
+        return ScriptedEngine.from_turns(load_processor(path).tokenizer, turns)
+
+    c = cfg.model_copy(deep=True)
+    c.rollout.max_new_tokens = 512
+    workers = [RolloutWorker.options(num_cpus=0.5).remote(str(tiny_model_dir), c.model_dump(mode="json"), [pool],
+                                                          factory) for _ in range(2)]
+    refs = [w.rollout.remote([(t, 2, f"w{k}-{t.id}") for t in tasks], 0, k) for k, w in enumerate(workers)]
+    from pyvision_rl.models import load_processor
+
+    tok = load_processor(tiny_model_dir).tokenizer
+    for trajs in ray.get(refs):
+        assert len(trajs) == 6
+        for t in trajs:
+            _valid(t, tok)
+            task = next(x for x in tasks if x.id == t.task_id)
+            assert t.end_reason == EndReason.DONE and t.final_answer == task.answer
+            assert t.n_tool_calls == 1 and t.n_tool_images == 1 and t.visual_tokens > 0
+        assert {t.extra["kind"] for t in trajs} == {"image", "video"}
+    m = ray.get(pool.metrics.remote())
+    assert m  # the pool served both workers
+    for w in workers:
+        ray.get(w.shutdown.remote())
+        ray.kill(w)
