@@ -301,6 +301,7 @@ class WarmPool:
             self._lock.notify_all()
         for b in boxes:
             b.kill()
+        self._thread.join(timeout=30)  # a box being started is killed by the refill thread itself
 
 
 class StreamKernel(Kernel):

@@ -66,6 +66,7 @@ class DockerBox(Box):
         taskdir = TaskDir("/task")
         super().__init__(taskdir)
         self._api = sandbox.api
+        self._sandbox_threads = sandbox.removals
         self._killed = False
         self._buf = bytearray()  # demultiplexed stdout
         self._pending = 0  # bytes left in the current stdout/stderr frame
@@ -86,6 +87,7 @@ class DockerBox(Box):
                 binds={taskdir.host: {"bind": taskdir.mount_point, "mode": "ro"}},
                 ipc_mode="private",
                 ulimits=[{"Name": "core", "Soft": 0, "Hard": 0}],
+                auto_remove=True,  # the kernel exits on stdin EOF, so even a crashed client leaves nothing
             )
             self.id = self._api.create_container(
                 cfg.image,
@@ -169,7 +171,7 @@ class DockerBox(Box):
             return "exit status 137 (killed)"
         return f"exit status {code}"
 
-    def kill(self) -> None:
+    def kill(self, wait: bool = False) -> None:
         if self._killed:
             return
         self._killed = True
@@ -177,16 +179,21 @@ class DockerBox(Box):
             self._sock.close()
         except Exception:  # noqa: BLE001
             pass
-        # Removal takes ~0.1-0.5 s; do it in the background so a timeout result returns at once.
-        threading.Thread(target=self._remove, daemon=True).start()
+        self.taskdir.remove()
+        if wait:
+            self._remove()
+        else:
+            # Removal takes ~0.1-0.5 s; do it in the background so a timeout result returns at once.
+            t = threading.Thread(target=self._remove, daemon=True)
+            t.start()
+            self._sandbox_threads.append(t)
 
     def _remove(self) -> None:
         try:
             if self.id:
                 self._api.remove_container(self.id, force=True)
-        except Exception:  # noqa: BLE001 - already gone
+        except Exception:  # noqa: BLE001 - already gone (auto_remove)
             pass
-        self.taskdir.remove()
 
 
 class DockerSandbox(PooledSandbox):
@@ -201,11 +208,17 @@ class DockerSandbox(PooledSandbox):
         self.client = _client()
         self.api = self.client.api
 
+        self.removals: list[threading.Thread] = []
+
     def _start_box(self) -> DockerBox:
+        self.removals[:] = [t for t in self.removals if t.is_alive()]
         return DockerBox(self)
 
     def close(self) -> None:
         super().close()
+        for t in list(self.removals):  # let background removals finish before the process may exit
+            t.join(timeout=30)
+        self.client.close()
 
 
 def remove_stale_containers() -> int:

@@ -47,8 +47,13 @@ def find_python() -> str:
     project venv does), else /usr/bin/python3 if that has them."""
     if "python" in _python_cache:
         return _python_cache["python"]
+    import importlib.util
+
+    if all(importlib.util.find_spec(m) is not None for m in _REQUIRED):  # this interpreter: no probe process
+        _python_cache["python"] = sys.executable
+        return sys.executable
     probe = "import " + ", ".join(_REQUIRED)
-    for cand in (sys.executable, "/usr/bin/python3"):
+    for cand in ("/usr/bin/python3",):
         if cand and os.path.exists(cand):
             r = subprocess.run([cand, "-c", probe], capture_output=True, timeout=60)
             if r.returncode == 0:
@@ -63,9 +68,17 @@ def find_python() -> str:
 
 def _python_roots(python: str) -> list[str]:
     """Directories the kernel's Python needs: its prefix, base prefix and the real executable's tree."""
-    code = "import sys, os; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.realpath(sys.executable)]))"
-    r = subprocess.run([python, "-c", "import json; " + code], capture_output=True, text=True, timeout=60)
-    prefix, base, exec_prefix, real = json.loads(r.stdout)
+    if python == sys.executable:
+        prefix, base, exec_prefix, real = (
+            sys.prefix,
+            sys.base_prefix,
+            sys.exec_prefix,
+            os.path.realpath(python),
+        )
+    else:
+        code = "import sys, os; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.realpath(sys.executable)]))"
+        r = subprocess.run([python, "-c", "import json; " + code], capture_output=True, text=True, timeout=60)
+        prefix, base, exec_prefix, real = json.loads(r.stdout)
     roots = {prefix, base, exec_prefix, os.path.dirname(os.path.dirname(real))}
     # /usr is bound anyway; drop roots inside it and nested duplicates.
     roots = sorted(r for r in roots if r and not (r == "/usr" or r.startswith("/usr/")))
@@ -156,6 +169,7 @@ class ProcessBox(Box):
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        self.taskdir.remove()
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             try:
                 f.close()
@@ -169,7 +183,6 @@ class ProcessBox(Box):
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             pass
-        self.taskdir.remove()
 
 
 class ProcessSandbox(PooledSandbox):
