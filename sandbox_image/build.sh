@@ -65,4 +65,5 @@ echo "build.sh: docker build $image FROM $base"
 DOCKER_BUILDKIT=0 docker build -q 2>"$cache/docker-build.log" --build-arg BASE_IMAGE="$base" --build-arg PIP_PACKAGES="$pip_packages" \
   --label "pyvision.sandbox.hash=$hash" -t "$image" "$ctx" >/dev/null \
   || { echo "build.sh: docker build failed; see $cache/docker-build.log" >&2; tail -n 30 "$cache/docker-build.log" >&2; exit 1; }
+docker image prune -f --filter label=pyvision.sandbox.hash >/dev/null 2>&1 || true  # the superseded build
 echo "build.sh: built $image (hash $hash)"
