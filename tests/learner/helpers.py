@@ -17,7 +17,9 @@ def png(color: tuple[int, int, int], size: int = 56) -> bytes:
     return buf.getvalue()
 
 
-def make_trajs(processor, n_groups: int = 2, n: int = 4, seed: int = 0, tool_image: bool = True) -> list[Trajectory]:
+def make_trajs(
+    processor, n_groups: int = 2, n: int = 4, seed: int = 0, tool_image: bool = True
+) -> list[Trajectory]:
     """`n_groups` groups of `n` trajectories with varied rewards, images in prompt and observation."""
     rng = random.Random(seed)
     tok = processor.tokenizer
@@ -46,9 +48,17 @@ def make_trajs(processor, n_groups: int = 2, n: int = 4, seed: int = 0, tool_ima
             mask = [1] * len(model1) + [0] * len(obs) + [1] * len(model2)
             out.append(
                 Trajectory(
-                    task_id=f"t{g}", group_id=f"g{g}", prompt_ids=prompt, response_ids=resp, loss_mask=mask,
-                    rollout_logprobs=[-1.0 if m else 0.0 for m in mask], images=images, n_tool_calls=1,
-                    n_tool_images=int(tool_image), end_reason=EndReason.DONE, reward=float(k % 2) * (1 + 0.1 * g),
+                    task_id=f"t{g}",
+                    group_id=f"g{g}",
+                    prompt_ids=prompt,
+                    response_ids=resp,
+                    loss_mask=mask,
+                    rollout_logprobs=[-1.0 if m else 0.0 for m in mask],
+                    images=images,
+                    n_tool_calls=1,
+                    n_tool_images=int(tool_image),
+                    end_reason=EndReason.DONE,
+                    reward=float(k % 2) * (1 + 0.1 * g),
                 )
             )
     return out

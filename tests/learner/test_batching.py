@@ -18,7 +18,10 @@ def test_mask_and_logprobs_are_shifted_onto_the_response(tiny_model_dir):
         # position i scores token i+1: those must be exactly the model tokens of the response, in order
         model_tokens = [tok for tok, m in zip(t.response_ids, t.loss_mask, strict=True) if m]
         assert ids[b, pos + 1].tolist() == model_tokens
-        assert torch.all(mb.rollout_logp[b, pos] == -1.0) and mb.rollout_logp[b][mb.mask[b] == 0].abs().sum() == 0
+        assert (
+            torch.all(mb.rollout_logp[b, pos] == -1.0)
+            and mb.rollout_logp[b][mb.mask[b] == 0].abs().sum() == 0
+        )
     assert mb.n_tokens == sum(sum(t.loss_mask) for t in trajs)
     assert mb.inputs["pixel_values"] is not None and mb.inputs["image_grid_thw"].shape[0] == 6
     assert int(mb.inputs["mm_token_type_ids"].sum()) > 0
@@ -29,8 +32,14 @@ def test_padding_batches_and_dummy_image(tiny_model_dir):
     trajs = make_trajs(proc, n_groups=1, n=3, tool_image=False)
     for t in trajs:
         t.images = []
-        t.prompt_ids = [i for i in t.prompt_ids if i not in set(proc.tokenizer.convert_tokens_to_ids(
-            ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]))]
+        t.prompt_ids = [
+            i
+            for i in t.prompt_ids
+            if i
+            not in set(
+                proc.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"])
+            )
+        ]
     mbs = make_micro_batches(proc, trajs, [0.0] * 3, micro_batch_size=2, n_micro=4, add_dummy_image=True)
     assert len(mbs) == 4 and [m.n_seqs for m in mbs] == [2, 1, 0, 0]
     assert all("pixel_values" in m.inputs for m in mbs)  # every forward sees an image (ZeRO-3 gathers)

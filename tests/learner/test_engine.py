@@ -20,7 +20,9 @@ from pyvision_rl.models.processing import suppressed_token_ids, token_logprobs
 def learner(tiny_model_dir):
     from pyvision_rl.learner.engine import PolicyLearner
 
-    lrn = PolicyLearner(tiny_model_dir, LearnerConfig(zero_stage=2, lr=3e-3, micro_batch_size=3), ModelConfig())
+    lrn = PolicyLearner(
+        tiny_model_dir, LearnerConfig(zero_stage=2, lr=3e-3, micro_batch_size=3), ModelConfig()
+    )
     yield lrn
 
 
@@ -42,7 +44,9 @@ def test_rl_step_lowers_the_surrogate_and_freezes_vision(learner):
     assert m["grad_norm"] > 0 and math.isfinite(m["loss"]) and m["entropy"] > 0
     # recomputed old log-probs differ from the fake rollout ones (-1.0): the diagnostic sees it
     assert m["rollout_logp_abs_diff"] > 0.1
-    assert torch.equal(vis_before, _vision_module(learner.model).patch_embed.proj.weight)  # vision tower frozen
+    assert torch.equal(
+        vis_before, _vision_module(learner.model).patch_embed.proj.weight
+    )  # vision tower frozen
 
 
 def test_sft_lowers_nll(learner):

@@ -14,17 +14,31 @@ from pyvision_rl.learner.losses import group_advantages  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": __import__("os").environ.get("TORCH_EXTENSIONS_DIR", "")}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={
+            "env_vars": {"TORCH_EXTENSIONS_DIR": __import__("os").environ.get("TORCH_EXTENSIONS_DIR", "")}
+        },
+    )
     yield
     ray.shutdown()
 
 
 def cfg(stage: int, world: int):
-    return load_config(None, [
-        f"learner.zero_stage={stage}", f"learner.world_size={world}", "learner.lr=3e-3",
-        "learner.micro_batch_size=3", "ray.learner_num_cpus=0.5", "sync.backend=object_store", "sync.bucket_mb=1",
-    ])
+    return load_config(
+        None,
+        [
+            f"learner.zero_stage={stage}",
+            f"learner.world_size={world}",
+            "learner.lr=3e-3",
+            "learner.micro_batch_size=3",
+            "ray.learner_num_cpus=0.5",
+            "sync.backend=object_store",
+            "sync.bucket_mb=1",
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +80,10 @@ def test_world_size_2_matches_world_size_1(tiny_model_dir, batch, stage):
         n = sum(len(o) for o in old2)
 
         def surrogate(new):
-            return -sum(a * torch.exp(nw - o).sum() for a, o, nw in zip(adv.tolist(), old2, new, strict=True)) / n
+            return (
+                -sum(a * torch.exp(nw - o).sum() for a, o, nw in zip(adv.tolist(), old2, new, strict=True))
+                / n
+            )
 
         assert surrogate(new2) < surrogate(old2) - 1e-3
 
@@ -87,6 +104,11 @@ class HFEngine:
         load_named_tensors(self.model, named)
         self.version = version
 
+    def perturb(self):
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+
     def logprobs(self, trajs):
         from pyvision_rl.learner.batching import build_micro_batch
         from pyvision_rl.models.processing import suppressed_token_ids, token_logprobs
@@ -98,28 +120,31 @@ class HFEngine:
         return [lp[b][mb.mask[b] > 0] for b in range(len(trajs))], self.version
 
 
-@pytest.mark.parametrize("backend", ["object_store", "gloo"])
-def test_sync_makes_engine_match_learner(tiny_model_dir, other_model_dir, batch, backend):
+def test_sync_makes_engine_match_learner(tiny_model_dir, other_model_dir, batch):
     from pyvision_rl.actors.learner import LearnerGroup
+    from pyvision_rl.learner.weight_sync import make_sync_backend
 
     trajs, refs = batch
     engines = [HFEngine.remote(other_model_dir) for _ in range(2)]
-    from pyvision_rl.learner.weight_sync import make_sync_backend
-
     g = LearnerGroup(tiny_model_dir, cfg(2, 1))
-    g.sync_backend = make_sync_backend(backend, bucket_mb=1)  # "gloo" (the nccl code on CPU) is not a config choice
     try:
         g.train_step(refs)  # the learner's weights now differ from both inits
         want = g.model_token_logprobs(refs)
         before, _ = ray.get(engines[0].logprobs.remote(trajs))
         assert max((a - b).abs().max() for a, b in zip(want, before, strict=True)) > 1e-2
-        for v in (1, 2):  # a second sync reuses the collective group
-            stats = g.sync_weights(engines, v)
-            assert stats["buckets"] >= 2 and stats["version"] == v
-        for e in engines:
-            got, version = ray.get(e.logprobs.remote(trajs))
-            assert version == 2
-            for a, b in zip(want, got, strict=True):
-                assert torch.allclose(a, b, atol=1e-5)
+        version = 0
+        # object store (the config's CPU choice), then gloo: the NCCL code path on CPU (not a config choice)
+        for backend in ("object_store", "gloo"):
+            g.sync_backend = make_sync_backend(backend, bucket_mb=1)
+            for _ in range(2):  # a second gloo sync reuses the collective group
+                version += 1
+                stats = g.sync_weights(engines, version)
+                assert stats["buckets"] >= 2 and stats["version"] == version
+            for e in engines:
+                got, v = ray.get(e.logprobs.remote(trajs))
+                assert v == version
+                for a, b in zip(want, got, strict=True):
+                    assert torch.allclose(a, b, atol=1e-5)
+            ray.get([e.perturb.remote() for e in engines])  # so the next backend has work to do
     finally:
         g.shutdown()
