@@ -171,6 +171,7 @@ class AgentLoop:
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.settings.max_exec_threads),
                                         thread_name_prefix="agent-exec")
         self.last_stats: dict[str, float] = {}
+        self._grid_cache: dict[tuple[int, int], tuple[int, int, int]] = {}
         keys = load_templates()
         tpl = self.settings.prompt_template
         self.image_key = tpl or IMAGE_TEMPLATE_KEY
@@ -182,10 +183,23 @@ class AgentLoop:
 
     # ------------------------------------------------------------ prompts
     def _image_tokens(self, images: Sequence[bytes]) -> list[tuple[int, int, int]]:
+        """The processor's (t, h, w) grid of each image. A grid depends only on the image's pixel size
+        (the processor's settings are fixed), so grids are cached by size and only new sizes are encoded."""
+        import io
+
+        from PIL import Image
+
         from pyvision_rl.models.processing import encode_images
 
-        _, grids = encode_images(self.processor, list(images))
-        return grids
+        sizes = []
+        for b in images:
+            with Image.open(io.BytesIO(b)) as im:  # reads the header only
+                sizes.append(im.size)
+        missing = {sz: b for sz, b in zip(sizes, images, strict=True) if sz not in self._grid_cache}
+        if missing:
+            _, grids = encode_images(self.processor, list(missing.values()))
+            self._grid_cache.update({sz: tuple(g) for sz, g in zip(missing, grids, strict=True)})
+        return [self._grid_cache[sz] for sz in sizes]
 
     def _n_tokens(self, grid: Sequence[int]) -> int:
         from pyvision_rl.models.processing import image_token_count
@@ -204,9 +218,7 @@ class AgentLoop:
             return self.chat.prompt_ids(text, [], self.settings.system_prompt), [], "video"
         if task.images:
             raw = [Path(p).read_bytes() for p in task.images]
-            import io
-
-            with Image.open(io.BytesIO(raw[0])) as im:
+            with Image.open(task.images[0]) as im:
                 w, h = im.size
             grids = self._image_tokens(raw)
             refs = [ImageRef(png=b, grid_thw=tuple(g), source="input") for b, g in zip(raw, grids, strict=True)]
