@@ -43,7 +43,11 @@ class Learner:
         if self.cfg.learner.num_gpus_per_rank > 0:
             os.environ.setdefault("LOCAL_RANK", "0")  # Ray sets CUDA_VISIBLE_DEVICES to this rank's GPU
         self.learner = PolicyLearner(
-            self.model_path, self.cfg.learner, self.cfg.model, self.rank, self.world_size,
+            self.model_path,
+            self.cfg.learner,
+            self.cfg.model,
+            self.rank,
+            self.world_size,
             temperature=self.cfg.rollout.temperature,
             device=None if self.cfg.learner.num_gpus_per_rank > 0 else "cpu",
         )
@@ -143,7 +147,9 @@ class LearnerGroup:
         ]
         addr, port = ray.get(self.actors[0].address.remote())
         ray.get([a.setup.remote(addr, port) for a in self.actors])  # all ranks join together
-        self.sync_backend = make_sync_backend(cfg.sync.backend, cfg.sync.bucket_mb, on_gpu=lc.num_gpus_per_rank > 0)
+        self.sync_backend = make_sync_backend(
+            cfg.sync.backend, cfg.sync.bucket_mb, on_gpu=lc.num_gpus_per_rank > 0
+        )
         self.version = 0
 
     def _all(self, method: str, *args) -> list:

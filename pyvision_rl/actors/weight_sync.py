@@ -94,7 +94,9 @@ def free_address() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), port
 
 
-def new_process_group(addr: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float = 600.0):
+def new_process_group(
+    addr: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float = 600.0
+):
     """A process group independent of the default one (the learner's DeepSpeed group stays untouched)."""
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(addr, port, world_size, is_master=rank == 0, timeout=timeout)
@@ -154,7 +156,9 @@ class CollectiveSync(WeightSyncBackend):
         addr, port = ray.get(rank0.weight_sync_address.remote())
         world = 1 + len(engines)
         calls = [rank0.join_weight_group.remote(addr, port, world, self.backend)]
-        calls += [_call_on(e, join_group, addr, port, i + 1, world, self.backend) for i, e in enumerate(engines)]
+        calls += [
+            _call_on(e, join_group, addr, port, i + 1, world, self.backend) for i, e in enumerate(engines)
+        ]
         _get(calls)
         self.metadata = ray.get(rank0.param_metadata.remote())
         self._engine_ids = [id(e) if not hasattr(e, "_actor_id") else e._actor_id for e in engines]

@@ -41,8 +41,13 @@ class MicroBatch:
             return x.to(device) if isinstance(x, torch.Tensor) else x
 
         return MicroBatch(
-            {k: mv(v) for k, v in self.inputs.items()}, mv(self.mask), mv(self.rollout_logp), mv(self.advantages),
-            self.n_tokens, self.n_seqs, mv(self.old_logp),
+            {k: mv(v) for k, v in self.inputs.items()},
+            mv(self.mask),
+            mv(self.rollout_logp),
+            mv(self.advantages),
+            self.n_tokens,
+            self.n_seqs,
+            mv(self.old_logp),
         )
 
 
@@ -52,7 +57,9 @@ def _dummy_row(processor) -> tuple[list[int], list[Any]]:
     _, grids = encode_images(processor, [img])
     merge = int(getattr(processor.image_processor, "merge_size", 2))
     t, h, w = grids[0]
-    ids = image_placeholder_ids(processor, t * h * w // (merge * merge)) + [special_ids(processor)["endoftext"]]
+    ids = image_placeholder_ids(processor, t * h * w // (merge * merge)) + [
+        special_ids(processor)["endoftext"]
+    ]
     return ids, [img]
 
 
@@ -90,12 +97,16 @@ def build_micro_batch(
         if r == 0:
             continue
         if p == 0:
-            raise ValueError(f"trajectory {t.task_id}: empty prompt_ids; the first response token has no context")
+            raise ValueError(
+                f"trajectory {t.task_id}: empty prompt_ids; the first response token has no context"
+            )
         mask[i, p - 1 : p - 1 + r] = torch.as_tensor(t.loss_mask, dtype=torch.float32)
         if t.rollout_logprobs:
             rollout[i, p - 1 : p - 1 + r] = torch.as_tensor(t.rollout_logprobs, dtype=torch.float32)
     rollout = rollout * mask
-    return MicroBatch(inputs, mask, rollout, torch.tensor(adv, dtype=torch.float32), int(mask.sum()), len(trajs))
+    return MicroBatch(
+        inputs, mask, rollout, torch.tensor(adv, dtype=torch.float32), int(mask.sum()), len(trajs)
+    )
 
 
 def chunk(items: Sequence[Any], n_chunks: int) -> list[list[Any]]:
@@ -126,7 +137,10 @@ def make_micro_batches(
     order = sorted(range(len(trajs)), key=lambda i: trajs[i].length)
     mbs = max(1, micro_batch_size)
     groups = [order[i : i + mbs] for i in range(0, len(order), mbs)]
-    out = [build_micro_batch(processor, [trajs[i] for i in g], [adv[i] for i in g], add_dummy_image) for g in groups]
+    out = [
+        build_micro_batch(processor, [trajs[i] for i in g], [adv[i] for i in g], add_dummy_image)
+        for g in groups
+    ]
     while n_micro is not None and len(out) < n_micro:
         out.append(build_micro_batch(processor, [], [], add_dummy_image=True))
     return out

@@ -50,10 +50,14 @@ def init_process_group(rank: int, world_size: int, backend: str | None = None) -
         raise RuntimeError(
             f"learner rank {rank}/{world_size}: MASTER_ADDR and MASTER_PORT must be set (LearnerGroup does this)"
         )
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0")
+    )
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend, rank=rank, world_size=world_size, auto_mpi_discovery=False)
+    deepspeed.init_distributed(
+        dist_backend=backend, rank=rank, world_size=world_size, auto_mpi_discovery=False
+    )
 
 
 def _vision_module(model) -> torch.nn.Module | None:
@@ -106,14 +110,19 @@ class PolicyLearner:
             dtype = "bfloat16" if cuda else "float32"
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
         model, self.processor = load_policy(
-            model_path, dtype=dtype, device="cpu",
-            min_pixels=self.model_cfg.min_pixels, max_pixels=self.model_cfg.max_pixels,
+            model_path,
+            dtype=dtype,
+            device="cpu",
+            min_pixels=self.model_cfg.min_pixels,
+            max_pixels=self.model_cfg.max_pixels,
         )
         self.model_path = model_path
         if self.model_cfg.freeze_vision:
             vis = _vision_module(model)
             if vis is None:
-                raise RuntimeError(f"{model_path}: model.freeze_vision is set but the model has no vision tower")
+                raise RuntimeError(
+                    f"{model_path}: model.freeze_vision is set but the model has no vision tower"
+                )
             vis.requires_grad_(False)
         if self.model_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -121,7 +130,8 @@ class PolicyLearner:
                 model.enable_input_require_grads()
         model.config.use_cache = False
         self.suppress_ids = torch.tensor(
-            suppressed_token_ids(self.processor, model.get_input_embeddings().num_embeddings), dtype=torch.long
+            suppressed_token_ids(self.processor, model.get_input_embeddings().num_embeddings),
+            dtype=torch.long,
         )
         trainable = [p for p in model.parameters() if p.requires_grad]
         ds_config = self._ds_config(cuda)
@@ -172,7 +182,9 @@ class PolicyLearner:
     def _all_reduce(self, values: Sequence[float], op=None) -> list[float]:
         if self.world_size == 1:
             return list(values)
-        t = torch.tensor(list(values), dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        t = torch.tensor(
+            list(values), dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu"
+        )
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
         return t.tolist()
 
@@ -206,7 +218,9 @@ class PolicyLearner:
         n_global = int(self._all_reduce([len(trajs)])[0])
         if n_global == 0:
             return []
-        n_mini = 1 if self.cfg.mini_batch_size <= 0 else max(1, math.ceil(n_global / self.cfg.mini_batch_size))
+        n_mini = (
+            1 if self.cfg.mini_batch_size <= 0 else max(1, math.ceil(n_global / self.cfg.mini_batch_size))
+        )
         idx_chunks = chunk(list(range(len(trajs))), n_mini)
         need = [needed_micro_batches(len(c), mbs) for c in idx_chunks]
         agreed = [int(x) for x in self._all_reduce(need, dist.ReduceOp.MAX if self.world_size > 1 else None)]
@@ -214,8 +228,12 @@ class PolicyLearner:
         for c, n_micro in zip(idx_chunks, agreed, strict=True):
             plan.append(
                 make_micro_batches(
-                    self.processor, [trajs[i] for i in c], advantages[c] if c else [], mbs,
-                    n_micro=max(n_micro, 1), add_dummy_image=self.zero3_multi,
+                    self.processor,
+                    [trajs[i] for i in c],
+                    advantages[c] if c else [],
+                    mbs,
+                    n_micro=max(n_micro, 1),
+                    add_dummy_image=self.zero3_multi,
                 )
             )
         return plan
@@ -246,7 +264,9 @@ class PolicyLearner:
         """
         t0 = time.perf_counter()
         flat = [t for x in trajs for t in (x if isinstance(x, (list, tuple)) else [x])]
-        adv = group_advantages([t.reward for t in flat], [t.group_id for t in flat], std_norm=self.cfg.std_norm)
+        adv = group_advantages(
+            [t.reward for t in flat], [t.group_id for t in flat], std_norm=self.cfg.std_norm
+        )
         plan = self._plan(flat, adv)
         if not plan:
             return {"trajectories": 0.0}
@@ -265,8 +285,14 @@ class PolicyLearner:
                     d = mb.to(self.device)
                     logp, ent = self._logp(self.engine, d, want_entropy)
                     pg, m = policy_loss(
-                        logp, d.old_logp, d.advantages, d.mask, self.cfg.clip_low, self.cfg.clip_high,
-                        self.cfg.dual_clip, denom=denom,
+                        logp,
+                        d.old_logp,
+                        d.advantages,
+                        d.mask,
+                        self.cfg.clip_low,
+                        self.cfg.clip_high,
+                        self.cfg.dual_clip,
+                        denom=denom,
                     )
                     loss = pg
                     if self.cfg.entropy_coef > 0 and ent is not None:
@@ -384,7 +410,9 @@ class PolicyLearner:
             out.append((name, str(p.dtype).removeprefix("torch."), shape))
         return out
 
-    def iter_weight_buckets(self, bucket_mb: int = 256, device: str | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    def iter_weight_buckets(
+        self, bucket_mb: int = 256, device: str | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """Full (ZeRO-3 gathered) parameters in buckets of about `bucket_mb` MB, as {name: tensor} copies.
 
         Buckets follow `weight_sync.plan_buckets(self.param_metadata(), bucket_mb)`. Every rank must iterate
@@ -397,7 +425,10 @@ class PolicyLearner:
         for bucket in plan_buckets(self.param_metadata(), bucket_mb):
             group = [params[name] for name, _, _ in bucket]
             with self._gathered(group):
-                yield {name: p.data.detach().to(device or "cpu", copy=True) for (name, _, _), p in zip(bucket, group, strict=True)}
+                yield {
+                    name: p.data.detach().to(device or "cpu", copy=True)
+                    for (name, _, _), p in zip(bucket, group, strict=True)
+                }
 
     def state_dict_for_sync(self) -> dict[str, torch.Tensor]:
         """All parameters, ZeRO-3 gathered, on CPU. Every rank must call it under ZeRO-3."""

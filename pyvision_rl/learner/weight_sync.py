@@ -34,8 +34,14 @@ import torch
 ParamMeta = tuple[str, str, tuple[int, ...]]  # (name, dtype name without "torch.", full shape)
 
 _DTYPES = {
-    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-    "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
 }
 
 
@@ -122,7 +128,9 @@ def unflatten_bucket(flat: torch.Tensor, bucket: Sequence[ParamMeta]) -> dict[st
 
 
 @torch.no_grad()
-def load_named_tensors(model: torch.nn.Module, named: Mapping[str, torch.Tensor] | Iterable, strict: bool = True) -> int:
+def load_named_tensors(
+    model: torch.nn.Module, named: Mapping[str, torch.Tensor] | Iterable, strict: bool = True
+) -> int:
     """Copy tensors into `model`'s parameters/buffers by name (a partial set is fine); returns how many.
 
     `strict`: an unknown name or a shape mismatch raises (names must be `named_parameters()` names)."""
@@ -134,10 +142,14 @@ def load_named_tensors(model: torch.nn.Module, named: Mapping[str, torch.Tensor]
         p = params.get(name)
         if p is None:
             if strict:
-                raise KeyError(f"update_weights: the model has no parameter '{name}' (learner and engine models differ?)")
+                raise KeyError(
+                    f"update_weights: the model has no parameter '{name}' (learner and engine models differ?)"
+                )
             continue
         if tuple(p.shape) != tuple(t.shape):
-            raise ValueError(f"update_weights: '{name}' has shape {tuple(t.shape)}, the model's is {tuple(p.shape)}")
+            raise ValueError(
+                f"update_weights: '{name}' has shape {tuple(t.shape)}, the model's is {tuple(p.shape)}"
+            )
         p.data.copy_(t.to(device=p.device, dtype=p.dtype))
         n += 1
     return n
@@ -187,7 +199,12 @@ class InProcessSync(WeightSyncBackend):
             nbytes += sum(t.numel() * t.element_size() for t in bucket.values())
             for e in engines:
                 e.update_weights(bucket, version)
-        return {"seconds": time.perf_counter() - t0, "bytes": float(nbytes), "buckets": float(buckets), "version": version}
+        return {
+            "seconds": time.perf_counter() - t0,
+            "bytes": float(nbytes),
+            "buckets": float(buckets),
+            "version": version,
+        }
 
 
 def make_sync_backend(backend: str, bucket_mb: int = 256, on_gpu: bool | None = None) -> WeightSyncBackend:
@@ -198,5 +215,7 @@ def make_sync_backend(backend: str, bucket_mb: int = 256, on_gpu: bool | None = 
         on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
         backend = "nccl" if on_gpu else "object_store"
     if backend not in WEIGHT_SYNC_BACKENDS:
-        raise ValueError(f"sync.backend={backend!r} is unknown; choose one of {sorted(WEIGHT_SYNC_BACKENDS)} or 'auto'")
+        raise ValueError(
+            f"sync.backend={backend!r} is unknown; choose one of {sorted(WEIGHT_SYNC_BACKENDS)} or 'auto'"
+        )
     return WEIGHT_SYNC_BACKENDS[backend](bucket_mb)
