@@ -40,10 +40,17 @@ def load_rows(path: Path) -> list[Task]:
     out = []
     for line in path.read_text().splitlines():
         r = json.loads(line)
-        out.append(Task(id=r["id"], question=r["question"], answer=str(r["answer"]), data_source=r["data_source"],
-                        images=[str(path.parent / r["image_path"])] if "image_path" in r else [],
-                        videos=[str(path.parent / r["video_path"])] if "video_path" in r else [],
-                        extra=r.get("extra", {})))
+        out.append(
+            Task(
+                id=r["id"],
+                question=r["question"],
+                answer=str(r["answer"]),
+                data_source=r["data_source"],
+                images=[str(path.parent / r["image_path"])] if "image_path" in r else [],
+                videos=[str(path.parent / r["video_path"])] if "video_path" in r else [],
+                extra=r.get("extra", {}),
+            )
+        )
     return out
 
 
@@ -72,8 +79,15 @@ def bench_overhead(processor, sandbox, tasks: list[Task], reps: int) -> dict:
 
     # One loop for all runs, as a RolloutWorker keeps one (its execution threads stay warm).
     engine = ScriptedEngine.from_turns(processor.tokenizer, turns)
-    loop = AgentLoop(engine, LocalSandboxClient(sandbox), processor, RolloutConfig(),
-                     prompt_template="tiny_tool", max_exec_threads=threads, exec_timeout_s=30)
+    loop = AgentLoop(
+        engine,
+        LocalSandboxClient(sandbox),
+        processor,
+        RolloutConfig(),
+        prompt_template="tiny_tool",
+        max_exec_threads=threads,
+        exec_timeout_s=30,
+    )
 
     def loop_run() -> dict:
         engine.turns.clear()  # replay the scripts from their first turn
@@ -129,8 +143,15 @@ def _long_videos(out: Path, n: int, size: int, seconds: int, fps: int, seed: int
         frames[first:, y : y + sq, x : x + sq] = COLORS[color]
         p = out / f"long_{i}.mp4"
         write_video(p, frames, fps)
-        tasks.append(Task(id=f"long-{i}", question=VIDEO_QUESTION.format(color=color), answer=str(first),
-                          videos=[str(p)], extra={"kind": "video_event", "color": color}))
+        tasks.append(
+            Task(
+                id=f"long-{i}",
+                question=VIDEO_QUESTION.format(color=color),
+                answer=str(first),
+                videos=[str(p)],
+                extra={"kind": "video_event", "color": color},
+            )
+        )
     return tasks
 
 
@@ -138,8 +159,10 @@ def _native_frame_code(task: Task, w: int, h: int) -> str:
     """Coarse-to-fine search for the first frame; shows the frame before and the frame of the event at the
     video's own resolution (figure size = frame size)."""
     ch = {"red": 0, "green": 1, "blue": 2}[task.extra["color"]]
-    show = (f"plt.figure(figsize=({w / 100}, {h / 100}), dpi=100)\nplt.axes([0, 0, 1, 1])\n"
-            "plt.imshow(fr)\nplt.axis('off')\nplt.show()\n")
+    show = (
+        f"plt.figure(figsize=({w / 100}, {h / 100}), dpi=100)\nplt.axes([0, 0, 1, 1])\n"
+        "plt.imshow(fr)\nplt.axis('off')\nplt.show()\n"
+    )
     return (
         "import numpy as np\n"
         "v = video_clue_0\n"
@@ -154,8 +177,7 @@ def _native_frame_code(task: Task, w: int, h: int) -> str:
         "fine = list(range(lo, coarse[j] + 1))\n"
         "i = fine[int(np.argmax(hit(fine)))]\n"
         "for k in (max(i - 1, 0), i):\n"
-        "    fr = v[k].asnumpy()\n" + "".join("    " + line + "\n" for line in show.splitlines())
-        + "print(i)"
+        "    fr = v[k].asnumpy()\n" + "".join("    " + line + "\n" for line in show.splitlines()) + "print(i)"
     )
 
 
@@ -172,8 +194,15 @@ def bench_video_tokens(processor, sandbox, tasks: list[Task], code_fn=None) -> d
             info = probe_video(t.videos[0])
             turns[t.id] = [code_text(code_fn(t, info.width, info.height)), answer_text(t.answer)]
     engine = ScriptedEngine.from_turns(processor.tokenizer, turns)
-    loop = AgentLoop(engine, LocalSandboxClient(sandbox), processor, RolloutConfig(), prompt_template="tiny_tool",
-                     exec_timeout_s=60, max_total_len=65536)
+    loop = AgentLoop(
+        engine,
+        LocalSandboxClient(sandbox),
+        processor,
+        RolloutConfig(),
+        prompt_template="tiny_tool",
+        exec_timeout_s=60,
+        max_total_len=65536,
+    )
     try:
         trajs = loop.run([(t, t.id) for t in tasks])
     finally:
@@ -229,16 +258,22 @@ def main() -> int:
     vid_tasks = load_rows(vtrain)
     long_tasks = _long_videos(work / "long", max(2, args.videos // 2), size=336, seconds=30, fps=4)
 
-    sb = make_sandbox(SandboxConfig(backend="process", warm_kernels=args.n, max_kernels=4 * args.n, timeout_s=60))
+    sb = make_sandbox(
+        SandboxConfig(backend="process", warm_kernels=args.n, max_kernels=4 * args.n, timeout_s=60)
+    )
     try:
         overhead = bench_overhead(processor, sb, img_tasks, args.reps)
         short = bench_video_tokens(processor, sb, vid_tasks)
         long = bench_video_tokens(processor, sb, long_tasks, _native_frame_code)
     finally:
         sb.close()
-    result = {"machine": {"cpus": os.cpu_count()}, "sandbox_backend": "process", "overhead": overhead,
-              "video_tokens": {"synthetic_video_event": short, "long_synthetic_336px_30s": long},
-              "paper_reference": {"on_demand": 5000, "uniform_1fps": 45000, "reduction_x": 9.0}}
+    result = {
+        "machine": {"cpus": os.cpu_count()},
+        "sandbox_backend": "process",
+        "overhead": overhead,
+        "video_tokens": {"synthetic_video_event": short, "long_synthetic_336px_30s": long},
+        "paper_reference": {"on_demand": 5000, "uniform_1fps": 45000, "reduction_x": 9.0},
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -250,13 +285,17 @@ def main() -> int:
     print(f"  {'sandbox alone, same cells (s)':<34}{o['sandbox_alone_s']:.3f}")
     print(f"  {'trajectories / s':<34}{o['trajectories_per_s']:.2f}")
     print(f"  {'framework time per turn (ms)':<34}{o['framework_ms_per_turn']:.1f}")
-    print(f"  {'framework time / sandbox time':<34}{100 * o['framework_share_of_sandbox']:.1f}%  (target < 10%)")
+    print(
+        f"  {'framework time / sandbox time':<34}{100 * o['framework_share_of_sandbox']:.1f}%  (target < 10%)"
+    )
     print(f"  {'loop wall vs sandbox alone':<34}{100 * o['overhead_vs_sandbox']:+.1f}%")
     print("\n(b) visual tokens per video sample")
     print(f"  {'set':<28}{'res':>9}{'frames':>8}{'on-demand':>11}{'1 fps':>9}{'cut':>7}{'solved':>8}")
     for name, v in result["video_tokens"].items():
-        print(f"  {name:<28}{v['resolution']:>9}{v['frames_mean']:>8.0f}{v['on_demand_tokens_mean']:>11.0f}"
-              f"{v['uniform_1fps_tokens_mean']:>9.0f}{v['reduction_x']:>6.1f}x{v['solved']:>5}/{v['videos']}")
+        print(
+            f"  {name:<28}{v['resolution']:>9}{v['frames_mean']:>8.0f}{v['on_demand_tokens_mean']:>11.0f}"
+            f"{v['uniform_1fps_tokens_mean']:>9.0f}{v['reduction_x']:>6.1f}x{v['solved']:>5}/{v['videos']}"
+        )
     print("  paper (PyVision-Video-7B): ~5K on-demand vs ~45K uniform, 9x")
     print(f"\nwrote {out}")
     return 0

@@ -65,8 +65,13 @@ def make_engine(cfg: Config, policy_path: str) -> GenerationEngine:
     from pyvision_rl.engines.hf import HFEngine
 
     device = "cuda" if (cfg.rollout.worker_num_gpus > 0 and torch.cuda.is_available()) else "cpu"
-    return HFEngine(policy_path, device=device, dtype=cfg.model.dtype, min_pixels=cfg.model.min_pixels,
-                    max_pixels=cfg.model.max_pixels)
+    return HFEngine(
+        policy_path,
+        device=device,
+        dtype=cfg.model.dtype,
+        min_pixels=cfg.model.min_pixels,
+        max_pixels=cfg.model.max_pixels,
+    )
 
 
 @ray.remote
@@ -78,8 +83,13 @@ class RolloutWorker:
     engine's, else loaded from `policy_path` with `model.min_pixels/max_pixels`.
     """
 
-    def __init__(self, policy_path: str, cfg: Config | dict, sandbox_pools: list[Any] | None = None,
-                 engine_factory: Callable[[Config, str], GenerationEngine] | None = None):
+    def __init__(
+        self,
+        policy_path: str,
+        cfg: Config | dict,
+        sandbox_pools: list[Any] | None = None,
+        engine_factory: Callable[[Config, str], GenerationEngine] | None = None,
+    ):
         self.cfg = cfg if isinstance(cfg, Config) else Config.model_validate(cfg)
         # engine_factory: build another engine in the actor (e.g. a ScriptedEngine replaying expert turns
         # to produce SFT trajectories through the real sandbox).
@@ -96,36 +106,50 @@ class RolloutWorker:
         if processor is None:
             from pyvision_rl.models.loading import load_processor
 
-            processor = load_processor(policy_path, min_pixels=self.cfg.model.min_pixels,
-                                       max_pixels=self.cfg.model.max_pixels)
+            processor = load_processor(
+                policy_path, min_pixels=self.cfg.model.min_pixels, max_pixels=self.cfg.model.max_pixels
+            )
         common = dict(exec_timeout_s=self.cfg.sandbox.timeout_s)
         self.loop = AgentLoop(self.engine, client, processor, self.cfg.rollout, **common)
         ev = self.cfg.eval
-        self.eval_loop = AgentLoop(self.engine, client, processor, self.cfg.rollout, max_turns=ev.max_turns,
-                                   temperature=ev.temperature, feed_errors=ev.feed_errors, **common)
+        self.eval_loop = AgentLoop(
+            self.engine,
+            client,
+            processor,
+            self.cfg.rollout,
+            max_turns=ev.max_turns,
+            temperature=ev.temperature,
+            feed_errors=ev.feed_errors,
+            **common,
+        )
 
     @staticmethod
     def _expand(groups: list[tuple[Task, int, str]]) -> list[tuple[Task, str]]:
         return [(task, gid) for task, n, gid in groups for _ in range(int(n))]
 
-    def _run(self, loop: AgentLoop, groups: list[tuple[Task, int, str]], version: int | None,
-             seed: int | None) -> list[Trajectory]:
+    def _run(
+        self, loop: AgentLoop, groups: list[tuple[Task, int, str]], version: int | None, seed: int | None
+    ) -> list[Trajectory]:
         if version is not None and version != self.engine.version:
             # The trajectories carry the version the engine really serves, so staleness stays visible.
-            log.warning("rollout asked for weight version %s but the engine serves %s", version, self.engine.version)
+            log.warning(
+                "rollout asked for weight version %s but the engine serves %s", version, self.engine.version
+            )
         trajs = loop.run(self._expand(groups), version=self.engine.version, seed=seed)
         stats = dict(loop.last_stats)
         for t in trajs:
             t.timings.setdefault("batch_total_s", stats.get("total_s", 0.0))
         return trajs
 
-    def rollout(self, groups: list[tuple[Task, int, str]], version: int | None = None,
-                seed: int | None = None) -> list[Trajectory]:
+    def rollout(
+        self, groups: list[tuple[Task, int, str]], version: int | None = None, seed: int | None = None
+    ) -> list[Trajectory]:
         """n trajectories per (task, n, group_id), training sampling settings. Call with `.remote()`."""
         return self._run(self.loop, groups, version, seed)
 
-    def evaluate(self, groups: list[tuple[Task, int, str]], version: int | None = None,
-                 seed: int | None = None) -> list[Trajectory]:
+    def evaluate(
+        self, groups: list[tuple[Task, int, str]], version: int | None = None, seed: int | None = None
+    ) -> list[Trajectory]:
         """Like `rollout` with the eval settings (eval.max_turns, eval.temperature, eval.feed_errors)."""
         return self._run(self.eval_loop, groups, version, seed)
 

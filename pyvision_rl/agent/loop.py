@@ -157,8 +157,14 @@ class AgentLoop:
     After `run`, `last_stats` holds the run's wall times: generate_s, sandbox_s, framework_s, turns.
     """
 
-    def __init__(self, engine: GenerationEngine, sandbox_client: SandboxClient, processor: Any,
-                 rollout_cfg: Any = None, **overrides: Any):
+    def __init__(
+        self,
+        engine: GenerationEngine,
+        sandbox_client: SandboxClient,
+        processor: Any,
+        rollout_cfg: Any = None,
+        **overrides: Any,
+    ):
         from pyvision_rl.models.processing import merge_size_of
 
         self.engine = engine
@@ -168,8 +174,9 @@ class AgentLoop:
         self.settings = LoopSettings.from_config(rollout_cfg, **overrides)
         self.chat = ChatTokens(self.tokenizer)
         self.merge = merge_size_of(processor)
-        self._pool = ThreadPoolExecutor(max_workers=max(1, self.settings.max_exec_threads),
-                                        thread_name_prefix="agent-exec")
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, self.settings.max_exec_threads), thread_name_prefix="agent-exec"
+        )
         self.last_stats: dict[str, float] = {}
         self._grid_cache: dict[tuple[int, int], tuple[int, int, int]] = {}
         keys = load_templates()
@@ -214,14 +221,18 @@ class AgentLoop:
             from pyvision_rl.data.video import probe_video
 
             info = probe_video(task.videos[0])
-            text = build_video_prompt(task.question, info.width, info.height, info.n_frames, info.fps, self.video_key)
+            text = build_video_prompt(
+                task.question, info.width, info.height, info.n_frames, info.fps, self.video_key
+            )
             return self.chat.prompt_ids(text, [], self.settings.system_prompt), [], "video"
         if task.images:
             raw = [Path(p).read_bytes() for p in task.images]
             with Image.open(task.images[0]) as im:
                 w, h = im.size
             grids = self._image_tokens(raw)
-            refs = [ImageRef(png=b, grid_thw=tuple(g), source="input") for b, g in zip(raw, grids, strict=True)]
+            refs = [
+                ImageRef(png=b, grid_thw=tuple(g), source="input") for b, g in zip(raw, grids, strict=True)
+            ]
             text = build_image_prompt(task.question, w, h, self.image_key, n_images=len(raw))
             ids = self.chat.prompt_ids(text, [self._n_tokens(g) for g in grids], self.settings.system_prompt)
             return ids, refs, "image"
@@ -230,8 +241,9 @@ class AgentLoop:
         return self.chat.prompt_ids(text, [], self.settings.system_prompt), [], "text"
 
     # ------------------------------------------------------------ run
-    def run(self, tasks_with_group_ids: Sequence[tuple[Task, str]], version: int = 0,
-            seed: int | None = None) -> list[Trajectory]:
+    def run(
+        self, tasks_with_group_ids: Sequence[tuple[Task, str]], version: int = 0, seed: int | None = None
+    ) -> list[Trajectory]:
         """Roll out one trajectory per (task, group_id), in order. Never raises for one bad trajectory
         (a missing file or a sandbox failure ends that trajectory); engine errors propagate."""
         t_start = time.perf_counter()
@@ -243,8 +255,14 @@ class AgentLoop:
         for task, gid in tasks_with_group_ids:
             i = counters.get(gid, 0)
             counters[gid] = i + 1
-            traj = Trajectory(task_id=task.id, group_id=gid, prompt_ids=[], version=version,
-                              ground_truth=str(task.answer), data_source=task.data_source)
+            traj = Trajectory(
+                task_id=task.id,
+                group_id=gid,
+                prompt_ids=[],
+                version=version,
+                ground_truth=str(task.answer),
+                data_source=task.data_source,
+            )
             traj.extra["request_id"] = _rid(task, gid, i)
             live = _Live(traj=traj, task=task, ids=[], n_inputs=0, kind="text")
             all_live.append(live)
@@ -299,15 +317,26 @@ class AgentLoop:
             if budget <= 0:
                 self._end(lv, EndReason.OVER_LENGTH, done)
                 continue
-            reqs.append(GenerationRequest(prompt_ids=list(lv.ids), images=[r.png for r in lv.traj.images],
-                                          request_id=lv.traj.extra["request_id"],
-                                          max_new_tokens=min(budget, s.max_new_tokens)))
+            reqs.append(
+                GenerationRequest(
+                    prompt_ids=list(lv.ids),
+                    images=[r.png for r in lv.traj.images],
+                    request_id=lv.traj.extra["request_id"],
+                    max_new_tokens=min(budget, s.max_new_tokens),
+                )
+            )
             batch.append(lv)
         if not batch:
             return []
-        sampling = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                  max_new_tokens=s.max_new_tokens, stop=["</code>"], logprobs=True,
-                                  seed=None if seed is None else seed + int(stats["turns"]))
+        sampling = SamplingParams(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            max_new_tokens=s.max_new_tokens,
+            stop=["</code>"],
+            logprobs=True,
+            seed=None if seed is None else seed + int(stats["turns"]),
+        )
         tg = time.perf_counter()
         outs = self.engine.generate(reqs, sampling)
         dt = time.perf_counter() - tg
@@ -328,8 +357,13 @@ class AgentLoop:
             t.n_turns += 1
             if out.finish_reason == "length":
                 capped = (req.max_new_tokens or s.max_new_tokens) < s.max_new_tokens
-                self._end(lv, EndReason.OVER_LENGTH if capped or len(lv.ids) >= s.max_total_len
-                          else EndReason.ERROR_IN_ACTION, done)
+                self._end(
+                    lv,
+                    EndReason.OVER_LENGTH
+                    if capped or len(lv.ids) >= s.max_total_len
+                    else EndReason.ERROR_IN_ACTION,
+                    done,
+                )
                 continue
             action: Action = parse_action(self.chat.decode(ids))
             if action.kind == "answer":
@@ -423,7 +457,9 @@ class AgentLoop:
             self._end(lv, EndReason.OVER_LENGTH, done)
             return
         self._append(lv, obs, None, model=False)
-        t.images.extend(ImageRef(png=b, grid_thw=tuple(g), source="tool") for b, g in zip(res.images, grids, strict=True))
+        t.images.extend(
+            ImageRef(png=b, grid_thw=tuple(g), source="tool") for b, g in zip(res.images, grids, strict=True)
+        )
         t.n_tool_images += len(res.images)
 
     def _close_all(self, lives: list[_Live]) -> None:
@@ -444,7 +480,9 @@ class AgentLoop:
         t = lv.traj
         full = t.prompt_ids + t.response_ids
         if t.prompt_ids:
-            t.vision_ok = check_vision_tokens(full, [r.grid_thw for r in t.images], self.merge, self.tokenizer)
+            t.vision_ok = check_vision_tokens(
+                full, [r.grid_thw for r in t.images], self.merge, self.tokenizer
+            )
         t.visual_tokens = self.chat.count_image_tokens(full)
         t.response_text = self.chat.decode(t.response_ids)
         t.timings["total_s"] = time.perf_counter() - lv.t0

@@ -185,7 +185,9 @@ def vision_block(n_tokens: int) -> str:
     return VISION_START + IMAGE_PAD * n_tokens + VISION_END
 
 
-def render_prompt(user_text: str, image_tokens: list[int], system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> str:
+def render_prompt(
+    user_text: str, image_tokens: list[int], system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+) -> str:
     """The full initial prompt string, as the Qwen2.5-VL chat template renders the release's message.
 
     The k-th `<image>` in `user_text` becomes `<image_clue_k>` + its vision block + `</image_clue_k>`;
@@ -275,7 +277,9 @@ class ChatTokens:
         """Token ids of the initial prompt (see `render_prompt`)."""
         return self.encode(render_prompt(user_text, image_tokens, system_prompt))
 
-    def observation_ids(self, stdout: str, image_tokens: list[int] | None = None, first_index: int = 0) -> list[int]:
+    def observation_ids(
+        self, stdout: str, image_tokens: list[int] | None = None, first_index: int = 0
+    ) -> list[int]:
         """Token ids of a successful execution's observation (text-only form when no figure)."""
         if image_tokens:
             return self.encode(render_image_observation(stdout, image_tokens, first_index))

@@ -80,7 +80,11 @@ class ScriptedEngine(GenerationEngine):
             ids = self._encode(text)
             if finish == "eos":
                 ids = ids + [self._im_end]
-            cap = sampling.max_new_tokens if req.max_new_tokens is None else min(sampling.max_new_tokens, req.max_new_tokens)
+            cap = (
+                sampling.max_new_tokens
+                if req.max_new_tokens is None
+                else min(sampling.max_new_tokens, req.max_new_tokens)
+            )
             if len(ids) > cap:
                 ids, finish = ids[:cap], "length"
             outs.append(

@@ -96,11 +96,14 @@ class HFEngine(GenerationEngine):
 
         if model is None or processor is None:
             if not model_path:
-                raise ValueError("HFEngine needs model_path (a Qwen-VL checkpoint dir) or model and processor")
+                raise ValueError(
+                    "HFEngine needs model_path (a Qwen-VL checkpoint dir) or model and processor"
+                )
             from pyvision_rl.models.loading import load_policy
 
-            model, processor = load_policy(model_path, dtype=dtype, device=device, min_pixels=min_pixels,
-                                           max_pixels=max_pixels)
+            model, processor = load_policy(
+                model_path, dtype=dtype, device=device, min_pixels=min_pixels, max_pixels=max_pixels
+            )
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -108,7 +111,9 @@ class HFEngine(GenerationEngine):
         self.version = 0
         sp = special_ids(self.tokenizer)
         self.eos_ids = {sp["im_end"], sp["endoftext"]}
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else sp["endoftext"]
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else sp["endoftext"]
+        )
         vocab = int(model.get_output_embeddings().weight.shape[0])
         self.suppress_ids = torch.tensor(suppressed_token_ids(self.tokenizer, vocab), dtype=torch.long)
 
@@ -122,7 +127,12 @@ class HFEngine(GenerationEngine):
         if not requests:
             return []
         caps = [
-            max(0, sampling.max_new_tokens if r.max_new_tokens is None else min(r.max_new_tokens, sampling.max_new_tokens))
+            max(
+                0,
+                sampling.max_new_tokens
+                if r.max_new_tokens is None
+                else min(r.max_new_tokens, sampling.max_new_tokens),
+            )
             for r in requests
         ]
         outs: list[GenerationOutput | None] = [None] * len(requests)
@@ -178,7 +188,9 @@ class HFEngine(GenerationEngine):
             )
         return outs  # type: ignore[return-value]
 
-    def _logprobs(self, logits: tuple[torch.Tensor, ...], seqs: torch.Tensor, temperature: float) -> torch.Tensor:
+    def _logprobs(
+        self, logits: tuple[torch.Tensor, ...], seqs: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
         """log p(sampled token) per step from the raw logits, with the sampler's mask and temperature."""
         out = torch.zeros(seqs.shape, dtype=torch.float32)
         idx = self.suppress_ids
@@ -188,7 +200,7 @@ class HFEngine(GenerationEngine):
                 lg = lg / temperature
             lg = lg.index_fill(-1, idx[idx < lg.shape[-1]], float("-inf"))
             tok = seqs[:, step].unsqueeze(-1)
-            out[:, step] = (lg.gather(-1, tok).squeeze(-1) - torch.logsumexp(lg, dim=-1))
+            out[:, step] = lg.gather(-1, tok).squeeze(-1) - torch.logsumexp(lg, dim=-1)
         return out
 
     @torch.no_grad()
@@ -198,8 +210,10 @@ class HFEngine(GenerationEngine):
         n = 0
         for name, value in named_tensors(weights):
             if name not in state:
-                raise KeyError(f"update_weights: parameter {name!r} is not in the engine's model "
-                               "(the learner and rollout checkpoints differ?)")
+                raise KeyError(
+                    f"update_weights: parameter {name!r} is not in the engine's model "
+                    "(the learner and rollout checkpoints differ?)"
+                )
             t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
             state[name].copy_(t.to(dtype=state[name].dtype, device=state[name].device))
             n += 1

@@ -88,7 +88,9 @@ class VLLMEngine(GenerationEngine):
         sp = special_ids(self.tokenizer)
         self.image_pad_id = sp["image_pad"]
         self.stop_token_ids = [sp["im_end"], sp["endoftext"]]
-        mm_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        mm_kwargs = {
+            k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None
+        }
         self.llm = LLM(
             model=model_path,
             dtype="auto" if dtype in (None, "auto") else dtype,
@@ -136,11 +138,17 @@ class VLLMEngine(GenerationEngine):
         outs: list[GenerationOutput | None] = [None] * len(requests)
         prompts, params, index = [], [], []
         for i, r in enumerate(requests):
-            cap = sampling.max_new_tokens if r.max_new_tokens is None else min(r.max_new_tokens, sampling.max_new_tokens)
+            cap = (
+                sampling.max_new_tokens
+                if r.max_new_tokens is None
+                else min(r.max_new_tokens, sampling.max_new_tokens)
+            )
             if cap <= 0:
                 outs[i] = GenerationOutput([], [], "length", "")
                 continue
-            p: dict[str, Any] = {"prompt_token_ids": collapse_image_pads(list(r.prompt_ids), self.image_pad_id)}
+            p: dict[str, Any] = {
+                "prompt_token_ids": collapse_image_pads(list(r.prompt_ids), self.image_pad_id)
+            }
             if r.images:
                 p["multi_modal_data"] = {"image": [to_pil(im) for im in r.images]}
             prompts.append(p)
@@ -185,4 +193,3 @@ class VLLMEngine(GenerationEngine):
 
     def close(self) -> None:
         del self.llm
-

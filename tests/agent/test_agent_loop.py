@@ -11,7 +11,9 @@ from pyvision_rl.agent.scripted import ScriptedEngine
 from pyvision_rl.config import RolloutConfig, SandboxConfig
 from pyvision_rl.types import EndReason, Task
 
-SHOW = "plt.figure(figsize=(0.56, 0.56), dpi=100)\nplt.imshow(np.zeros((8, 8)))\nplt.axis('off')\nplt.show()\n"
+SHOW = (
+    "plt.figure(figsize=(0.56, 0.56), dpi=100)\nplt.imshow(np.zeros((8, 8)))\nplt.axis('off')\nplt.show()\n"
+)
 
 
 def code(src: str) -> str:
@@ -52,11 +54,17 @@ def data(tmp_path_factory):
     tasks = []
     for line in train.read_text().splitlines():
         r = json.loads(line)
-        tasks.append(Task(
-            id=r["id"], question=r["question"], answer=str(r["answer"]), data_source=r["data_source"],
-            images=[str(out / r["image_path"])] if "image_path" in r else [],
-            videos=[str(out / r["video_path"])] if "video_path" in r else [], extra=r.get("extra", {}),
-        ))
+        tasks.append(
+            Task(
+                id=r["id"],
+                question=r["question"],
+                answer=str(r["answer"]),
+                data_source=r["data_source"],
+                images=[str(out / r["image_path"])] if "image_path" in r else [],
+                videos=[str(out / r["video_path"])] if "video_path" in r else [],
+                extra=r.get("extra", {}),
+            )
+        )
     return {t.extra["kind"]: t for t in tasks}
 
 
@@ -89,11 +97,13 @@ def check_invariants(t, processor):
 
 def test_multi_turn_with_images_through_the_real_sandbox(processor, sandbox, data):
     task = data["color_count"]
-    scripts = {task.id: [
-        code("import numpy as np\nx = 41\n" + SHOW + "print('first')"),
-        code("import numpy as np\nx += 1\n" + SHOW + SHOW + "print(x)"),
-        answer("42"),
-    ]}
+    scripts = {
+        task.id: [
+            code("import numpy as np\nx = 41\n" + SHOW + "print('first')"),
+            code("import numpy as np\nx += 1\n" + SHOW + SHOW + "print(x)"),
+            answer("42"),
+        ]
+    }
     trajs, engine, loop = run(processor, sandbox, scripts, [task], n=2)
     assert engine.calls == [2, 2, 2], "one batched generate per turn over all live trajectories"
     for t in trajs:
@@ -107,9 +117,18 @@ def test_multi_turn_with_images_through_the_real_sandbox(processor, sandbox, dat
         assert "<image_clue_3>" in t.response_text and "<image_clue_1>" in t.response_text
         assert t.response_text.endswith("\\boxed{42}\n</answer><|im_end|>")
         # the observation after the first figure starts exactly as the release renders it
-        assert "</code>\n<|im_start|>user\n<tool_response>\n<interpreter>Text Result:\nfirst\n" in t.response_text
-        assert sum(t.loss_mask) == sum(len(engine._encode(s)) for s in [
-            scripts[task.id][0], scripts[task.id][1], scripts[task.id][2]]) + 1  # + <|im_end|>
+        assert (
+            "</code>\n<|im_start|>user\n<tool_response>\n<interpreter>Text Result:\nfirst\n"
+            in t.response_text
+        )
+        assert (
+            sum(t.loss_mask)
+            == sum(
+                len(engine._encode(s))
+                for s in [scripts[task.id][0], scripts[task.id][1], scripts[task.id][2]]
+            )
+            + 1
+        )  # + <|im_end|>
     assert loop.last_stats["turns"] == 3 and loop.last_stats["sandbox_s"] > 0
 
 
@@ -131,8 +150,13 @@ def test_python_errors_with_and_without_feed_errors(processor, sandbox, data, fe
 
 def test_timeout_is_fed_back_and_the_next_cell_runs_in_a_fresh_interpreter(processor, sandbox, data):
     task = data["color_count"]
-    scripts = {task.id: [code("import time\ny = 5\ntime.sleep(30)"), code("print('alive', 'y' in globals())"),
-                         answer("0")]}
+    scripts = {
+        task.id: [
+            code("import time\ny = 5\ntime.sleep(30)"),
+            code("print('alive', 'y' in globals())"),
+            answer("0"),
+        ]
+    }
     (t,), _, _ = run(processor, sandbox, scripts, [task], feed_errors=True, exec_timeout_s=1.0)
     check_invariants(t, processor)
     assert t.end_reason == EndReason.DONE
@@ -142,8 +166,9 @@ def test_timeout_is_fed_back_and_the_next_cell_runs_in_a_fresh_interpreter(proce
 
 def test_timeout_without_feed_errors_ends_the_trajectory(processor, sandbox, data):
     task = data["color_count"]
-    (t,), _, _ = run(processor, sandbox, {task.id: [code("while True: pass"), answer("0")]}, [task],
-                     exec_timeout_s=1.0)
+    (t,), _, _ = run(
+        processor, sandbox, {task.id: [code("while True: pass"), answer("0")]}, [task], exec_timeout_s=1.0
+    )
     assert t.end_reason == EndReason.ERROR_IN_ACTION and t.n_tool_calls == 0 and t.n_tool_attempts == 1
 
 
@@ -181,7 +206,9 @@ def test_turn_cut_by_the_length_budget_is_over_length(processor, sandbox, data):
 
 def test_too_many_images(processor, sandbox, data):
     task = data["color_count"]
-    scripts = {task.id: [code("import numpy as np\n" + SHOW), code("import numpy as np\n" + SHOW * 2), answer("1")]}
+    scripts = {
+        task.id: [code("import numpy as np\n" + SHOW), code("import numpy as np\n" + SHOW * 2), answer("1")]
+    }
     (t,), _, _ = run(processor, sandbox, scripts, [task], max_images=3)
     check_invariants(t, processor)
     assert t.end_reason == EndReason.EXCEED_MAX_IMAGES
@@ -253,15 +280,20 @@ def test_a_sandbox_failure_or_bad_row_costs_one_trajectory(processor, sandbox, d
                 raise ConnectionError("sandbox pool died")
             return super().execute(traj_id, code, timeout_s)
 
-    engine = ScriptedEngine.from_turns(processor.tokenizer, {task.id: [code("print(5)"), answer("5")],
-                                                             "missing": [answer("0")]})
+    engine = ScriptedEngine.from_turns(
+        processor.tokenizer, {task.id: [code("print(5)"), answer("5")], "missing": [answer("0")]}
+    )
     client = Flaky(sandbox)
     missing = Task(id="missing", question="?", answer="0", images=["/nonexistent/x.png"])
     loop = AgentLoop(engine, client, processor, RolloutConfig(prompt_template="tiny_tool"))
     trajs = loop.run([(task, "g"), (task, "g"), (task, "g"), (missing, "h")])
     loop.close()
-    assert [t.end_reason for t in trajs] == [EndReason.DONE, EndReason.ERROR_IN_ACTION, EndReason.DONE,
-                                             EndReason.ERROR_IN_ACTION]
+    assert [t.end_reason for t in trajs] == [
+        EndReason.DONE,
+        EndReason.ERROR_IN_ACTION,
+        EndReason.DONE,
+        EndReason.ERROR_IN_ACTION,
+    ]
     assert "sandbox pool died" in trajs[1].extra["sandbox_error"]
     assert "prompt" in trajs[3].extra["error"] and not trajs[3].vision_ok
     assert client._kernels == {}

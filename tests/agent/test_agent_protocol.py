@@ -80,12 +80,16 @@ def test_prompt_bytes_and_ids_match_the_release_chat_template_path(processor):
     content = []
     for seg in parts:
         if seg == "<image>":
-            content += [{"type": "text", "text": "<image_clue_0>"}, {"type": "image"},
-                        {"type": "text", "text": "</image_clue_0>"}]
+            content += [
+                {"type": "text", "text": "<image_clue_0>"},
+                {"type": "image"},
+                {"type": "text", "text": "</image_clue_0>"},
+            ]
         else:
             content.append({"type": "text", "text": seg})
-    release_str = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                tokenize=False)
+    release_str = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     img = Image.open(io.BytesIO(png)).convert("RGB")
     release_ids = processor(text=[release_str], images=[img], return_tensors="pt")["input_ids"][0].tolist()
 
@@ -95,8 +99,10 @@ def test_prompt_bytes_and_ids_match_the_release_chat_template_path(processor):
     n = image_token_count(grids[0], 2)
     ours = render_prompt(user, [n])
     assert ours == release_str.replace("<|image_pad|>", "<|image_pad|>" * n)
-    assert ours.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                           "<image_clue_0><|vision_start|><|image_pad|>")
+    assert ours.startswith(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<image_clue_0><|vision_start|><|image_pad|>"
+    )
     assert ours.endswith("<|im_end|>\n<|im_start|>assistant\n")
     assert ChatTokens(processor.tokenizer).prompt_ids(user, [n]) == release_ids
 
@@ -124,13 +130,20 @@ def test_figure_observation_equals_release_chat_rendering(processor):
             content.append({"type": "text", "text": f"Text Result:\n{stdout.strip()}\n"})
         content.append({"type": "text", "text": "Image Result:\n"})
         for k in (1, 2):
-            content += [{"type": "text", "text": f"<image_clue_{k}>"}, {"type": "image"},
-                        {"type": "text", "text": f"</image_clue_{k}>"}]
+            content += [
+                {"type": "text", "text": f"<image_clue_{k}>"},
+                {"type": "image"},
+                {"type": "text", "text": f"</image_clue_{k}>"},
+            ]
         content.append({"type": "text", "text": "</interpreter>\n\n</tool_response>"})
-        s = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+        s = tok.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
         s = re.sub(r"<\|im_start\|>system.*?<\|im_end\|>", "", s, flags=re.S)
         s = s.replace("<|image_pad|>", "<|image_pad|>" * 4, 1).replace(
-            "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|>" + "<|image_pad|>" * 9 + "<|vision_end|>")
+            "<|vision_start|><|image_pad|><|vision_end|>",
+            "<|vision_start|>" + "<|image_pad|>" * 9 + "<|vision_end|>",
+        )
         assert render_image_observation(stdout, [4, 9], first_index=1) == s
         assert s.startswith("\n<|im_start|>user\n<tool_response>\n<interpreter>")
 
@@ -168,12 +181,21 @@ CODE = "<code>\n```python\nprint(1)\n```\n</code>"
     "text,kind,code,answer",
     [
         ("Let me look.\n" + CODE, "code", "print(1)", None),
-        ("<code>\n```python\nx = 1\n```\n</code> then <code>\n```python\n  y = 2\nprint(y)\n```\n</code>", "code",
-         "  y = 2\nprint(y)", None),
+        (
+            "<code>\n```python\nx = 1\n```\n</code> then <code>\n```python\n  y = 2\nprint(y)\n```\n</code>",
+            "code",
+            "  y = 2\nprint(y)",
+            None,
+        ),
         ("no tags but a fence ```python\nprint(3)\n``` here", "code", "print(3)", None),
         ("<answer>\n\\boxed{\\frac{1}{2}}\n</answer>", "answer", None, "\\frac{1}{2}"),
         ("<answer>\n\\boxed{A}\n</answer> and also " + CODE, "answer", None, "A"),  # answer wins
-        ("<answer>\n\\boxed{1}\n</answer>\n<answer>\n\\boxed{2}\n</answer>", "answer", None, "2"),  # last wins
+        (
+            "<answer>\n\\boxed{1}\n</answer>\n<answer>\n\\boxed{2}\n</answer>",
+            "answer",
+            None,
+            "2",
+        ),  # last wins
         ("<answer>\nno box here\n</answer>", "answer", None, None),
         ("<answer>\n\\boxed{7}\n", "none", None, None),  # unclosed answer
         ("<code>\n```python\nprint(1)\n", "none", None, None),  # unclosed code, no fence end

@@ -31,9 +31,15 @@ def tasks(tmp_path_factory):
     train, _ = make_dataset(out, "mixed", 3, 0, seed=1)
     rows = [json.loads(line) for line in train.read_text().splitlines()]
     return [
-        Task(id=r["id"], question=r["question"], answer=str(r["answer"]), data_source=r["data_source"],
-             images=[str(out / r["image_path"])] if "image_path" in r else [],
-             videos=[str(out / r["video_path"])] if "video_path" in r else [], extra=r.get("extra", {}))
+        Task(
+            id=r["id"],
+            question=r["question"],
+            answer=str(r["answer"]),
+            data_source=r["data_source"],
+            images=[str(out / r["image_path"])] if "image_path" in r else [],
+            videos=[str(out / r["video_path"])] if "video_path" in r else [],
+            extra=r.get("extra", {}),
+        )
         for r in rows
     ]
 
@@ -101,7 +107,8 @@ def test_tiny_model_worker_rolls_out_image_and_video_groups(ray_cluster, cfg, po
 
 
 def test_scripted_expert_workers_share_a_pool_and_solve_image_and_video_tasks(
-        ray_cluster, cfg, pool, tasks, tiny_model_dir):
+    ray_cluster, cfg, pool, tasks, tiny_model_dir
+):
     from pyvision_rl.actors.rollout import RolloutWorker
     from pyvision_rl.data.synthetic import expert_turns
 
@@ -115,8 +122,12 @@ def test_scripted_expert_workers_share_a_pool_and_solve_image_and_video_tasks(
 
     c = cfg.model_copy(deep=True)
     c.rollout.max_new_tokens = 512
-    workers = [RolloutWorker.options(num_cpus=0.5).remote(str(tiny_model_dir), c.model_dump(mode="json"), [pool],
-                                                          factory) for _ in range(2)]
+    workers = [
+        RolloutWorker.options(num_cpus=0.5).remote(
+            str(tiny_model_dir), c.model_dump(mode="json"), [pool], factory
+        )
+        for _ in range(2)
+    ]
     refs = [w.rollout.remote([(t, 2, f"w{k}-{t.id}") for t in tasks], 0, k) for k, w in enumerate(workers)]
     from pyvision_rl.models import load_processor
 

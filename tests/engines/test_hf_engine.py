@@ -44,7 +44,9 @@ def requests_(engine):
 def _teacher_forced(engine, req, out, temperature=1.0):
     from pyvision_rl.models.processing import build_forward_inputs, token_logprobs
 
-    inputs = build_forward_inputs(engine.processor, [req.prompt_ids + out.token_ids], [req.images], pad_side="right")
+    inputs = build_forward_inputs(
+        engine.processor, [req.prompt_ids + out.token_ids], [req.images], pad_side="right"
+    )
     with torch.no_grad():
         lp = token_logprobs(engine.model, inputs, engine.suppress_ids.tolist(), temperature=temperature)
     n = len(req.prompt_ids)
@@ -53,7 +55,9 @@ def _teacher_forced(engine, req, out, temperature=1.0):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_batched_sampling_logprobs_match_teacher_forcing(engine, requests_, temperature):
-    outs = engine.generate(requests_, SamplingParams(temperature=temperature, max_new_tokens=24, seed=1, stop=[]))
+    outs = engine.generate(
+        requests_, SamplingParams(temperature=temperature, max_new_tokens=24, seed=1, stop=[])
+    )
     assert len(outs) == 3
     for req, out in zip(requests_, outs, strict=True):
         assert len(out.token_ids) == len(out.logprobs) > 0
@@ -85,7 +89,14 @@ def test_stop_string_is_kept_and_cuts_the_turn(engine, requests_):
     (full,) = engine.generate([requests_[0]], greedy)
     ids, dec = full.token_ids, engine.tokenizer.decode
     # the first token (after 2) whose text did not occur earlier in the output: the turn must end right there
-    k = next((k for k in range(3, len(ids) + 1) if dec(ids[k - 1 : k]).strip() and dec(ids[k - 1 : k]) not in dec(ids[: k - 1])), None)
+    k = next(
+        (
+            k
+            for k in range(3, len(ids) + 1)
+            if dec(ids[k - 1 : k]).strip() and dec(ids[k - 1 : k]) not in dec(ids[: k - 1])
+        ),
+        None,
+    )
     assert k is not None, f"greedy output too repetitive for a stop probe: {full.text!r}"
     stop = dec(ids[k - 1 : k])
     (cut,) = engine.generate([requests_[0]], SamplingParams(temperature=0.0, max_new_tokens=24, stop=[stop]))
@@ -106,8 +117,10 @@ def test_special_tokens_are_never_sampled(engine, requests_):
 
 
 def test_per_request_token_cap(engine, requests_):
-    reqs = [GenerationRequest(r.prompt_ids, r.images, r.request_id, max_new_tokens=cap)
-            for r, cap in zip(requests_, [3, 0, 8], strict=True)]
+    reqs = [
+        GenerationRequest(r.prompt_ids, r.images, r.request_id, max_new_tokens=cap)
+        for r, cap in zip(requests_, [3, 0, 8], strict=True)
+    ]
     outs = engine.generate(reqs, SamplingParams(max_new_tokens=20, seed=0, stop=[]))
     assert len(outs[0].token_ids) <= 3 and outs[1].token_ids == [] and outs[1].finish_reason == "length"
     assert len(outs[2].token_ids) <= 8
@@ -117,7 +130,11 @@ def test_update_weights_in_place(engine, requests_):
     greedy = SamplingParams(temperature=0.0, max_new_tokens=12, stop=[])
     before = [o.token_ids for o in engine.generate(requests_, greedy)]
     original = {k: v.clone() for k, v in engine.model.state_dict().items()}
-    name = "lm_head.weight" if "lm_head.weight" in original else next(k for k in original if k.endswith("lm_head.weight"))
+    name = (
+        "lm_head.weight"
+        if "lm_head.weight" in original
+        else next(k for k in original if k.endswith("lm_head.weight"))
+    )
     ptr = engine.model.state_dict()[name].data_ptr()
     w = torch.randn(original[name].shape, generator=torch.Generator().manual_seed(0))
     engine.update_weights({name: w.numpy()}, version=3)  # numpy arrives from Ray's object store

@@ -39,8 +39,9 @@ def test_vllm_engine_images_logprobs_and_weight_update(tiny_model_dir):
     Image.new("RGB", (112, 112), (255, 0, 0)).save(buf, "PNG")
     png = buf.getvalue()
     _, grids = encode_images(eng.processor, [png])
-    ids = ChatTokens(eng.tokenizer).prompt_ids(build_image_prompt("How many?", 112, 112, "tiny_tool"),
-                                              [image_token_count(grids[0], 2)])
+    ids = ChatTokens(eng.tokenizer).prompt_ids(
+        build_image_prompt("How many?", 112, 112, "tiny_tool"), [image_token_count(grids[0], 2)]
+    )
     reqs = [GenerationRequest(ids, [png], "a"), GenerationRequest(ids, [png], "b", max_new_tokens=4)]
     outs = eng.generate(reqs, SamplingParams(max_new_tokens=16, seed=0, stop=[]))
     assert len(outs[1].token_ids) <= 4 and len(outs[0].token_ids) > 0
@@ -53,7 +54,9 @@ def test_vllm_engine_images_logprobs_and_weight_update(tiny_model_dir):
     model, proc = load_policy(tiny_model_dir)
     inp = build_forward_inputs(proc, [ids + outs[0].token_ids], [[png]], pad_side="right")
     with torch.no_grad():
-        ref = token_logprobs(model, inp, suppressed_token_ids(proc.tokenizer, model.config.text_config.vocab_size))
+        ref = token_logprobs(
+            model, inp, suppressed_token_ids(proc.tokenizer, model.config.text_config.vocab_size)
+        )
     ref = ref[0, len(ids) - 1 : len(ids) - 1 + len(outs[0].token_ids)]
     assert torch.allclose(ref, torch.tensor(outs[0].logprobs), atol=2e-2)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=8, stop=[])
