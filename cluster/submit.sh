@@ -160,7 +160,9 @@ fi
 RUNTIME_ENV="$("$PY" - "${EXTRA_ENV[@]+"${EXTRA_ENV[@]}"}" <<'EOF'
 import json, os, sys
 env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-       "PYTHONUNBUFFERED": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+       "PYTHONUNBUFFERED": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
+       # The driver's own ray.init(runtime_env=...) may set the same env vars: merge instead of failing.
+       "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
 for k in ("WANDB_PROJECT", "WANDB_ENTITY", "HF_HOME", "TORCH_EXTENSIONS_DIR"):  # no secrets: the dashboard shows env_vars
     if os.environ.get(k):
         env[k] = os.environ[k]
@@ -183,6 +185,8 @@ echo "submit.sh: address    $ADDRESS (auth: $AUTH)"
 echo "submit.sh: job id     $SUBMISSION_ID"
 echo "submit.sh: dashboard  $ADDRESS/#/jobs/$SUBMISSION_ID"
 echo "submit.sh: entrypoint ${ENTRY[*]}"
+# Ctrl-C stops following the logs, not the job.
+trap 'echo; echo "submit.sh: stopped following; job $SUBMISSION_ID keeps running. Stop it: $RAY job stop --address $ADDRESS $SUBMISSION_ID"; exit 130' INT
 set +e
 "$RAY" "${ARGS[@]}" -- "${ENTRY[@]}"
 rc=$?

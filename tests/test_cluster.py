@@ -330,7 +330,7 @@ def test_submit_rejects_a_ray_client_address():
 class LocalRayHead:
     """`ray start --head` in its own session, private temp dir and free ports; `stop()` ends exactly it."""
 
-    def __init__(self, tmp: Path, auth: str):
+    def __init__(self, tmp: Path, auth: str, num_cpus: int = 2):
         self.tmp = tmp
         self.auth = auth
         self.dashboard_port = _free_port()
@@ -345,7 +345,7 @@ class LocalRayHead:
             str(RAY_BIN),
             "start",
             "--head",
-            "--num-cpus=2",
+            f"--num-cpus={num_cpus}",
             "--include-dashboard=true",
             f"--temp-dir={self.temp_dir}",
             f"--port={_free_port()}",
@@ -388,7 +388,7 @@ class LocalRayHead:
         )
 
     def stop(self) -> None:
-        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(self.pgid, sig)
             except ProcessLookupError:
@@ -456,9 +456,11 @@ def _trainer_built() -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 @pytest.mark.skipif(not _trainer_built(), reason="trainer not built")
 def test_submit_tiny_training_to_a_local_head(tmp_path):
-    head = LocalRayHead(tmp_path, "token")
+    # Logical CPUs: rollout worker 1 + learner 1 + sandbox pool 0.25 + reward 0.25 must fit (2 would not).
+    head = LocalRayHead(tmp_path, "token", num_cpus=4)
     out_dir = tmp_path / "runs"
     try:
         r = head.submit(
@@ -472,7 +474,7 @@ def test_submit_tiny_training_to_a_local_head(tmp_path):
             "eval.max_tasks=8",
             "sandbox.backend=process",
             "ray.address=auto",
-            timeout=900,
+            timeout=1100,
         )
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
         assert "finished: SUCCEEDED" in r.stdout
