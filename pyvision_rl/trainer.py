@@ -189,6 +189,7 @@ class Trainer:
 
         cfg = self.cfg
         init_ray(cfg)
+        check_resources(cfg)
         restarts = cfg.trainer.max_actor_restarts
         cfg_dict = cfg.model_dump(mode="json")
         self.pools = [
@@ -392,9 +393,8 @@ class Trainer:
             for i in range(w)
             if groups[i::w]
         ]
-        summaries = [s for part in ray.get(refs) for s in part]
-        out = summarize_rollouts(summaries, prefix="eval/")
-        return out
+        summaries = ray.get(self.rewards[0].summarize.remote(refs))
+        return summarize_rollouts(summaries, prefix="eval/")
 
     def save_checkpoint(self) -> Path:
         ck = self.run_dir / "checkpoints" / f"{CKPT_PREFIX}{self.step}"
@@ -438,6 +438,35 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, tuple):
         return list(o)
     return str(o)
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail fast (instead of waiting forever for an actor that cannot be placed) when the cluster lacks
+    the CPUs/GPUs the config asks for."""
+    import ray
+
+    need_cpu = (
+        cfg.rollout.num_workers * cfg.rollout.worker_num_cpus
+        + cfg.learner.world_size * cfg.ray.learner_num_cpus
+        + cfg.reward.num_services * cfg.ray.reward_num_cpus
+        + cfg.sandbox.num_pools * cfg.ray.sandbox_num_cpus
+    )
+    need_gpu = cfg.rollout.num_workers * cfg.rollout.worker_num_gpus + cfg.learner.world_size * cfg.learner.num_gpus_per_rank
+    have = ray.cluster_resources()
+    problems = []
+    if need_cpu > have.get("CPU", 0) + 1e-9:
+        problems.append(
+            f"{need_cpu:g} CPUs (rollout.num_workers x rollout.worker_num_cpus + learner.world_size x "
+            f"ray.learner_num_cpus + reward.num_services x ray.reward_num_cpus + sandbox.num_pools x "
+            f"ray.sandbox_num_cpus) but the cluster has {have.get('CPU', 0):g}"
+        )
+    if need_gpu > have.get("GPU", 0) + 1e-9:
+        problems.append(
+            f"{need_gpu:g} GPUs (rollout.num_workers x rollout.worker_num_gpus + learner.world_size x "
+            f"learner.num_gpus_per_rank) but the cluster has {have.get('GPU', 0):g}"
+        )
+    if problems:
+        raise ConfigError("the actors need " + "; ".join(problems) + ". Lower those settings or add nodes.")
 
 
 def init_ray(cfg: Config) -> None:

@@ -82,3 +82,15 @@ class RewardService:
             "failed": [],
             "error": "",
         }
+
+    def summarize(self, refs: list) -> list[dict[str, Any]]:
+        """Score (no filtering) the trajectories behind `refs` and return only their summaries: how the
+        driver measures held-out accuracy without pulling trajectories through itself."""
+        from pyvision_rl.metrics import trajectory_summary
+        from pyvision_rl.rewards.tool_reward import score_trajectory
+
+        out = []
+        for ref in refs:
+            for t in ray.get(ref):
+                out.append(trajectory_summary(score_trajectory(t, self.cfg)))
+        return out
