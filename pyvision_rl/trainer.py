@@ -211,7 +211,7 @@ class Trainer:
             for _ in range(cfg.reward.num_services)
         ]
         self.learners = LearnerGroup(policy_path, cfg)
-        ray.get([w.ping.remote() for w in self.workers])
+        self._worker_pids = {i: p["pid"] for i, p in enumerate(ray.get([w.ping.remote() for w in self.workers]))}
         if self.version:
             ray.get([w.set_version.remote(self.version) for w in self.workers])
 
@@ -276,7 +276,7 @@ class Trainer:
                 res = {"failed": [0]}
             if res.get("failed"):
                 self.events["requeued_subbatches"] += 1
-                self.events["worker_restarts"] += 1
+                self._recover_worker(sb.worker)
                 log.warning(
                     "rollout of %d groups (chunk %d) failed on worker %d: %s; re-queued (attempt %d)",
                     len(sb.groups), sb.chunk, sb.worker, res.get("error", "actor died"), sb.attempts + 1,
@@ -294,6 +294,25 @@ class Trainer:
         st.chunks = next_chunk if not inflight else st.chunks
         st.t_rollout_wait = time.perf_counter() - t0
         return st
+
+    def _recover_worker(self, i: int) -> None:
+        """After a failed rollout: wait for Ray to restart the worker, then give it the current weights."""
+        import ray
+
+        try:
+            info = ray.get(self.workers[i].ping.remote(), timeout=600)
+        except ray.exceptions.RayActorError as e:
+            raise RuntimeError(
+                f"RolloutWorker {i} is dead and out of restarts (trainer.max_actor_restarts="
+                f"{self.cfg.trainer.max_actor_restarts}): {e}"
+            ) from None
+        if info.get("pid") != self._worker_pids.get(i):
+            self.events["worker_restarts"] += 1
+            self._worker_pids[i] = info.get("pid")
+            log.warning("RolloutWorker %d was restarted (pid %s)", i, info.get("pid"))
+        if int(info.get("version", -1)) != self.version:
+            self.learners.sync_weights([self.workers[i]], self.version)
+            ray.get(self.workers[i].set_version.remote(self.version))
 
     def _discard(self, inflight: list[_SubBatch], chunk_starts: dict[int, dict[str, int]]) -> None:
         import ray
@@ -426,10 +445,25 @@ class Trainer:
             shutil.rmtree(p, ignore_errors=True)
 
     def shutdown(self) -> None:
+        """Stop every actor this trainer started (the learners leave their process group first)."""
+        import ray
+
         try:
             self.learners.shutdown()
         except Exception as e:
             log.debug("learner shutdown: %s", e)
+        for w in self.workers:
+            try:
+                ray.get(w.shutdown.remote(), timeout=30)
+            except Exception as e:
+                log.debug("worker shutdown: %s", e)
+        for pool in self.pools:
+            try:
+                ray.get(pool.shutdown.remote(), timeout=30)
+            except Exception as e:
+                log.debug("sandbox pool shutdown: %s", e)
+        for a in [*self.workers, *self.pools, *self.rewards]:
+            ray.kill(a, no_restart=True)
 
 
 def _json_default(o: Any) -> Any:
