@@ -8,6 +8,13 @@ problems a user must fix (no engine, no image, missing bubblewrap, unreadable ta
 
 Both backends run `kernel.py` as a long-lived process and talk to it over its stdin/stdout with
 length-prefixed JSON frames; only how the process is started, killed and how bytes travel differs.
+
+The box's process is a zygote (see kernel.py): it pays the numpy/PIL/matplotlib import once and forks a
+fresh interpreter per trajectory. With `sandbox.reuse_kernels=false` (default) a box serves one
+trajectory and is then killed. With `reuse_kernels=true` a closed trajectory's box is cleaned by the
+zygote (every process but the zygote killed, /tmp and other writable dirs wiped, SysV IPC removed), its
+task directory is emptied, and it goes back to the warm pool, up to `max_trajectories_per_box` times; a
+box whose trajectory timed out, crashed or could not be cleaned is killed instead.
 """
 
 from __future__ import annotations
@@ -174,6 +181,19 @@ class TaskDir:
             out.append(f"{self.mount_point}/{name}")
         return out
 
+    def clear(self) -> bool:
+        """Remove every staged file (between two trajectories of a reused box); True when empty."""
+        for name in os.listdir(self.host):
+            p = os.path.join(self.host, name)
+            try:
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p)
+                else:
+                    os.unlink(p)
+            except OSError:
+                pass
+        return not os.listdir(self.host)
+
     def remove(self) -> None:
         shutil.rmtree(self.host, ignore_errors=True)
 
@@ -186,6 +206,8 @@ class Box(ABC):
         self.taskdir = taskdir
         self.started_at = time.monotonic()
         self.pid_in_box: int | None = None
+        self.uses = 0  # trajectories served (reuse_kernels)
+        self.died_reason: str | None = None  # what the zygote said when the trajectory child died
 
     @abstractmethod
     def send(self, data: bytes) -> None:
@@ -209,7 +231,19 @@ class Box(ABC):
 
     def read_reply(self, deadline: float | None) -> dict:
         (n,) = struct.unpack(">I", self.recv_exact(4, deadline))
-        return json.loads(self.recv_exact(n, deadline).decode("utf-8"))
+        reply = json.loads(self.recv_exact(n, deadline).decode("utf-8"))
+        if isinstance(reply, dict) and reply.get("op") == "died":  # the zygote: the trajectory child died
+            self.died_reason = str(reply.get("reason", "the interpreter died"))
+            raise KernelDied(self.died_reason)
+        return reply
+
+    def end_trajectory(self, timeout_s: float = 10.0) -> bool:
+        """Ask the zygote to kill the trajectory's processes and wipe the box; True when it is clean."""
+        try:
+            reply = self.request({"op": "end"}, time.monotonic() + timeout_s)
+        except (KernelDied, KernelTimeout, OSError, ValueError, struct.error):
+            return False
+        return reply.get("op") == "clean" and bool(reply.get("ok"))
 
     def wait_ready(self, timeout_s: float) -> dict:
         reply = self.read_reply(time.monotonic() + timeout_s)
@@ -231,9 +265,10 @@ class WarmPool:
     A background thread refills the pool; a box that fails its health check is killed and replaced.
     """
 
-    def __init__(self, start_box: Callable[[], Box], size: int, name: str) -> None:
+    def __init__(self, start_box: Callable[[], Box], size: int, name: str, max_idle: int = 0) -> None:
         self._start_box = start_box
         self._size = max(0, int(size))
+        self._max_idle = max(self._size, int(max_idle))  # cleaned boxes kept for reuse, at most
         self._ready: list[Box] = []
         self._lock = threading.Condition()
         self._closed = False
@@ -281,6 +316,16 @@ class WarmPool:
                 return box
             self.replaced += 1
             box.kill()
+
+    def give_back(self, box: Box) -> None:
+        """Return a cleaned box for the next trajectory (kept up to `max_idle`, else killed). Returned
+        boxes go first in line: they are the ones whose start-up cost is already paid."""
+        with self._lock:
+            if not self._closed and len(self._ready) < self._max_idle:
+                self._ready.insert(0, box)
+                self._lock.notify_all()
+                return
+        box.kill()
 
     def ready_count(self) -> int:
         with self._lock:
@@ -363,7 +408,7 @@ class StreamKernel(Kernel):
                     duration_s=time.monotonic() - t0,
                 )
             except (KernelDied, OSError, ValueError, struct.error):
-                why = box.death_reason()
+                why = box.died_reason or box.death_reason()
                 box.kill()
                 self._box = None
                 return ExecResult(
@@ -383,8 +428,8 @@ class StreamKernel(Kernel):
         with self._lock:
             self._closed = True
             if self._box is not None:
-                self._box.kill()
-                self._box = None
+                box, self._box = self._box, None
+                self._sandbox.release(box)
 
 
 class PooledSandbox(Sandbox):
@@ -393,7 +438,11 @@ class PooledSandbox(Sandbox):
     def __init__(self, cfg: SandboxConfig) -> None:
         self.cfg = cfg
         self._check()
-        self.pool = WarmPool(self._start_box, cfg.warm_kernels, self.name)
+        self.pool = WarmPool(
+            self._start_box, cfg.warm_kernels, self.name, max_idle=cfg.max_kernels if cfg.reuse_kernels else 0
+        )
+        self.reused = 0  # boxes cleaned and pooled again after a trajectory
+        self.recycled = 0  # boxes killed at max_trajectories_per_box, or because cleaning failed
 
     def _check(self) -> None:
         """Raise SandboxError when the backend cannot work here."""
@@ -404,6 +453,27 @@ class PooledSandbox(Sandbox):
 
     def open(self, images: list[str] | None = None, videos: list[str] | None = None) -> Kernel:
         return StreamKernel(self, list(images or []), list(videos or []))
+
+    def release(self, box: Box) -> None:
+        """A trajectory is done with `box` (its last request was answered: a box that timed out or died
+        never gets here). Without reuse, or after `max_trajectories_per_box` trajectories, the box is
+        killed; otherwise the zygote cleans it, the task directory is emptied, and it is pooled again."""
+        box.uses += 1
+        if not self.cfg.reuse_kernels:
+            box.kill()
+            return
+        if box.uses >= self.cfg.max_trajectories_per_box:
+            self.recycled += 1
+            box.kill()
+            return
+        # Order matters: first no process of the old trajectory is left (it could otherwise still read
+        # the task files), then the files go, then the box is handed out again.
+        if box.end_trajectory() and box.taskdir.clear():
+            self.reused += 1
+            self.pool.give_back(box)
+        else:
+            self.recycled += 1
+            box.kill()
 
     def close(self) -> None:
         self.pool.close()

@@ -1,25 +1,42 @@
-"""The in-box interpreter: one long-lived Python process per trajectory.
+"""The in-box interpreter: a zygote that forks one fresh interpreter per trajectory.
 
 Runs inside the sandbox (Docker container or bwrap process) with only the box's libraries, so it imports
 nothing from pyvision_rl. It must work on Debian bookworm's stack (Python 3.11, numpy 1.24, matplotlib
 3.6, Pillow 9.4, PyAV 10) and on the host venv's newer versions.
 
-Wire protocol (host <-> kernel, over the kernel's stdin/stdout): frames of a 4-byte big-endian length
+Process model. The box's long-lived process is a *zygote*: it imports numpy/PIL/matplotlib(Agg)/av once
+(~0.6 CPU-s, the cost that dominates a fresh box) and never runs user code. An `init` request forks a
+*trajectory child* (copy-on-write modules, pristine globals/environment/cwd, its own session, the
+per-trajectory rlimits) that binds image_clue_i / video_clue_i and runs that trajectory's cells. The
+zygote relays frames between the host and the child over a private pipe pair, so the host channel is
+never in the hands of user code. `end` kills every process in the box except the zygote and PID 1 (a
+/proc scan, since user code can setsid/double-fork), wipes the writable directories (/tmp, /dev/shm,
+/var/tmp) and System V IPC objects, and only then answers, so the next `init` starts from a clean box.
+If the child dies, the zygote reports {"op": "died"} and exits: a box whose trajectory crashed is not
+reused. The host decides reuse (sandbox.reuse_kernels); without it each box serves one trajectory.
+
+Wire protocol (host <-> zygote, over the zygote's stdin/stdout): frames of a 4-byte big-endian length
 followed by that many bytes of UTF-8 JSON. Requests: {"op": "init", "images": [...], "videos": [...]},
-{"op": "exec", "code": "..."}, {"op": "ping"}. Each request gets one reply frame. At start-up the kernel
-sends {"op": "ready"} once its libraries are imported, so a warm kernel has paid the import cost.
+{"op": "exec", "code": "..."} (both answered by the child), {"op": "end"} (answered by the zygote:
+{"op": "clean", "ok": bool, ...}), {"op": "ping"}. Each request gets one reply frame. At start-up the
+zygote sends {"op": "ready"} once its libraries are imported, so a warm box has paid the import cost.
 
 Usage: python3 kernel.py '<json settings>'  (settings: max_stdout_bytes, max_images, max_pixels,
-memory_bytes, nproc, fsize_bytes; the last three set rlimits, 0 = leave as is).
+memory_bytes, nproc, fsize_bytes; the last three set rlimits on each trajectory child, 0 = leave as is).
 """
 
 from __future__ import annotations
 
 import base64
+import ctypes
 import io
 import json
 import linecache
 import os
+import resource
+import select
+import signal
+import stat
 import struct
 import sys
 import time
@@ -41,9 +58,8 @@ if len(sys.argv) > 1:
 
 def _set_rlimits() -> None:
     # The process backend has no cgroups: rlimits are its memory/pids/file-size caps. In Docker they
-    # are a second layer under the cgroup limits. Lowering a limit never needs privileges.
-    import resource
-
+    # are a second layer under the cgroup limits. Lowering a limit never needs privileges. Set in each
+    # trajectory child, so that the limits count per trajectory (the zygote itself is unlimited).
     for name, key in (
         ("RLIMIT_AS", "memory_bytes"),
         ("RLIMIT_NPROC", "nproc"),
@@ -63,21 +79,22 @@ def _set_rlimits() -> None:
 
 # ---------------------------------------------------------------------------- the private channel
 # Keep the host channel on private descriptors, then point fds 0/1/2 elsewhere so that nothing the
-# user's code does (os.write(1, ...), subprocesses, C libraries) can corrupt the protocol stream.
+# user's code does (os.write(1, ...), subprocesses, C libraries) can corrupt the protocol stream. In a
+# trajectory child these two names are rebound to its pipe pair with the zygote.
 _CHAN_IN = os.dup(0)
 _CHAN_OUT = os.dup(1)
-_devnull = os.open(os.devnull, os.O_RDONLY)
+_devnull = os.open(os.devnull, os.O_RDWR)
 os.dup2(_devnull, 0)
+os.dup2(_devnull, 1)  # library start-up noise of the zygote goes nowhere
+os.dup2(_devnull, 2)
 os.close(_devnull)
 _TMP = os.environ.get("TMPDIR") or "/tmp"
-try:
-    # Raw fd-level output of user code (subprocesses, os.write) lands here and is appended to stdout.
-    _FD_OUT = os.open(os.path.join(_TMP, ".kernel-fd-output"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-except OSError:
-    _FD_OUT = os.open(os.devnull, os.O_RDWR)
-os.dup2(_FD_OUT, 1)
-os.dup2(_FD_OUT, 2)
+_FD_OUT = -1  # the child's raw fd-level output file (see _child_main)
 sys.stdin = open(os.devnull)  # noqa: SIM115 - lives for the life of the process
+# Directories user code can write to; wiped between trajectories (missing ones are skipped).
+_WRITABLE = [_TMP, "/dev/shm", "/var/tmp"]
+_PR_SET_DUMPABLE = 4
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _read_exact(n: int) -> bytes | None:
@@ -458,15 +475,8 @@ def _init(images: list, videos: list) -> dict:
     return {"error": None}
 
 
-def main() -> None:
-    _preload()
-    _set_rlimits()
-    try:  # start-up noise of the libraries (e.g. fontconfig warnings) is not the user's output
-        os.ftruncate(_FD_OUT, 0)
-        os.lseek(_FD_OUT, 0, os.SEEK_SET)
-    except OSError:
-        pass
-    _send({"op": "ready", "pid": os.getpid(), "python": sys.version.split()[0]})
+def _serve() -> None:
+    """The request loop of a trajectory child (init/exec/ping) over its pipe pair."""
     while True:
         msg = _recv()
         if msg is None:
@@ -484,6 +494,308 @@ def main() -> None:
             _send(reply)
         except BrokenPipeError:
             return
+
+
+def _child_main(chan_in: int, chan_out: int) -> None:
+    """In a freshly forked trajectory child: own session, own channel, own output file, rlimits."""
+    global _CHAN_IN, _CHAN_OUT, _FD_OUT, _MAIN_PID
+    os.setsid()
+    _MAIN_PID = os.getpid()
+    _CHAN_IN, _CHAN_OUT = chan_in, chan_out
+    try:
+        _libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)  # an ordinary process again (the zygote is not)
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.chdir(_TMP)
+    except OSError:
+        pass
+    try:
+        # Raw fd-level output of user code (subprocesses, os.write) lands here and is appended to stdout.
+        _FD_OUT = os.open(os.path.join(_TMP, ".kernel-fd-output"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError:
+        _FD_OUT = os.open(os.devnull, os.O_RDWR)
+    os.dup2(_FD_OUT, 1)
+    os.dup2(_FD_OUT, 2)
+    _set_rlimits()
+    _serve()
+
+
+# ---------------------------------------------------------------------------- the zygote
+def _frame_bytes(fd: int) -> bytes | None:
+    """One raw frame (header + body) from `fd`, or None at end of stream. Zombies are reaped while waiting
+    (orphans of user code are re-parented to the zygote when it is PID 1, as in Docker)."""
+    head = bytearray()
+    need = 4
+    body_len = None
+    while True:
+        while len(head) < need:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if not ready:
+                _reap()
+                continue
+            chunk = os.read(fd, need - len(head))
+            if not chunk:
+                return None
+            head += chunk
+        if body_len is None:
+            (body_len,) = struct.unpack(">I", bytes(head[:4]))
+            need = 4 + body_len
+            continue
+        return bytes(head)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        k = os.write(fd, view)
+        view = view[k:]
+
+
+_reaped: dict[int, int] = {}  # pid -> wait status of reaped direct children we still care about
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _reaped[pid] = status
+
+
+def _status_text(status: int | None) -> str:
+    if status is None:
+        return "the interpreter closed its channel"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        if sig == signal.SIGKILL:
+            return f"killed by signal {name} (e.g. the memory limit)"
+        if sig == signal.SIGSEGV:
+            return f"killed by signal {name} (segmentation fault)"
+        return f"killed by signal {name}"
+    return f"exit status {os.WEXITSTATUS(status)}"
+
+
+def _wait_child(pid: int, timeout_s: float = 2.0) -> int | None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        _reap()
+        if pid in _reaped:
+            return _reaped.pop(pid)
+        time.sleep(0.005)
+    return None
+
+
+def _other_pids() -> list[int]:
+    """Live (non-zombie) processes in the box other than the zygote and PID 1."""
+    me = os.getpid()
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        if pid in (1, me):
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                st = f.read()
+            state = st[st.rindex(b")") + 2 : st.rindex(b")") + 3]
+        except (OSError, ValueError):
+            continue  # gone already
+        if state not in (b"Z", b"X"):
+            out.append(pid)
+    return out
+
+
+def _kill_all(timeout_s: float = 5.0) -> bool:
+    """SIGKILL every process in the box but the zygote and PID 1, until none is left (True) or the time
+    is up (False). kill(-1) reaches processes that left our session/group; the /proc scan checks it."""
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid in _other_pids():  # belt and braces: anything kill(-1) may not have reached
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        _reap()
+        if not _other_pids():
+            _reap()
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.002)
+
+
+def _rm(path: str) -> bool:
+    """Remove `path` (a tree) even where user code removed permissions; True when it is gone."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            os.chmod(path, 0o700)
+        except OSError:
+            pass
+        ok = True
+        try:
+            for name in os.listdir(path):
+                ok &= _rm(os.path.join(path, name))
+            os.rmdir(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            ok = False
+        return ok
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
+def _wipe() -> list[str]:
+    """Empty the writable directories and remove System V IPC objects; returns what could not be removed."""
+    left = []
+    for d in _WRITABLE:
+        if not os.path.isdir(d) or not os.access(d, os.W_OK):
+            continue
+        try:
+            names = os.listdir(d)
+        except OSError:
+            left.append(d)
+            continue
+        for name in names:
+            if not _rm(os.path.join(d, name)):
+                left.append(os.path.join(d, name))
+    # Shared memory segments, message queues and semaphores outlive their creators (the box has its
+    # own IPC namespace, so all of them are the previous trajectory's).
+    for kind, call in (("shm", "shmctl"), ("msg", "msgctl"), ("sem", "semctl")):
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            ident = int(row.split()[1])
+            fn = getattr(_libc, call)
+            rc = fn(ident, 0, 0) if kind == "sem" else fn(ident, 0, None)  # IPC_RMID = 0
+            if rc != 0:
+                left.append(f"sysv-{kind}:{ident}")
+    return left
+
+
+def _zygote() -> None:
+    """Serve trajectories one at a time, forking a fresh child for each (see the module docstring)."""
+    child = None  # (pid, to_child_w, from_child_r)
+
+    def end_child() -> None:
+        nonlocal child
+        if child is not None:
+            for fd in child[1:]:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            child = None
+
+    def died(pid: int, fallback: str) -> None:
+        status = _wait_child(pid)
+        reason = _status_text(status) if status is not None else fallback
+        _send({"op": "died", "reason": reason})
+        end_child()
+        _kill_all(2.0)
+        sys.exit(1)  # a box whose trajectory crashed is not reused
+
+    while True:
+        raw = _frame_bytes(_CHAN_IN)
+        if raw is None:  # the host went away: leave nothing behind
+            _kill_all(2.0)
+            return
+        msg = json.loads(raw[4:].decode("utf-8"))
+        op = msg.get("op")
+        if op == "ping":
+            _send({"op": "pong", "busy": child is not None})
+            continue
+        if op == "end":
+            end_child()
+            killed = _kill_all()
+            _reaped.clear()
+            left = _wipe()
+            _send(
+                {
+                    "op": "clean",
+                    "ok": killed and not left,
+                    "left": left[:20],
+                    "procs_left": _other_pids()[:20],
+                }
+            )
+            continue
+        if op == "init":
+            if child is not None:
+                _send({"error": "a trajectory is already running in this box (send end first)"})
+                continue
+            c_in_r, c_in_w = os.pipe()  # zygote -> child
+            c_out_r, c_out_w = os.pipe()  # child -> zygote
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.close(_CHAN_IN)
+                    os.close(_CHAN_OUT)
+                    os.close(c_in_w)
+                    os.close(c_out_r)
+                    _child_main(c_in_r, c_out_w)
+                finally:
+                    os._exit(0)
+            os.close(c_in_r)
+            os.close(c_out_w)
+            child = (pid, c_in_w, c_out_r)
+        if op in ("init", "exec"):
+            if child is None:
+                _send({"error": "no trajectory is running in this box (send init first)"})
+                continue
+            pid, to_child, from_child = child
+            try:
+                _write_all(to_child, raw)
+                reply = _frame_bytes(from_child)
+            except OSError:
+                reply = None
+            if reply is None:
+                died(pid, "the interpreter closed its channel")
+            _write_all(_CHAN_OUT, reply)
+            continue
+        _send({"error": f"unknown op {op!r}"})
+
+
+def main() -> None:
+    _preload()
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        # Not dumpable: processes of the same uid (user code) cannot ptrace the zygote or open its
+        # /proc/<pid>/mem and fds, so nothing a trajectory does can change what the next one forks from.
+        _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (AttributeError, OSError):
+        pass
+    _send({"op": "ready", "pid": os.getpid(), "python": sys.version.split()[0], "zygote": True})
+    try:
+        _zygote()
+    except BrokenPipeError:
+        _kill_all(2.0)
 
 
 if __name__ == "__main__":
