@@ -107,7 +107,11 @@ def resolve_resume(cfg: Config) -> Path | None:
 def _rng_state() -> dict[str, Any]:
     import torch
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state().tolist()}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state().tolist(),
+    }
 
 
 def _set_rng_state(s: dict[str, Any]) -> None:
@@ -193,14 +197,16 @@ class Trainer:
         restarts = cfg.trainer.max_actor_restarts
         cfg_dict = cfg.model_dump(mode="json")
         self.pools = [
-            SandboxPool.options(num_cpus=cfg.ray.sandbox_num_cpus, max_restarts=restarts, max_task_retries=0).remote(
-                cfg.sandbox.model_dump(mode="json")
-            )
+            SandboxPool.options(
+                num_cpus=cfg.ray.sandbox_num_cpus, max_restarts=restarts, max_task_retries=0
+            ).remote(cfg.sandbox.model_dump(mode="json"))
             for _ in range(cfg.sandbox.num_pools)
         ]
         self.workers = [
             RolloutWorker.options(
-                num_cpus=cfg.rollout.worker_num_cpus, num_gpus=cfg.rollout.worker_num_gpus, max_restarts=restarts
+                num_cpus=cfg.rollout.worker_num_cpus,
+                num_gpus=cfg.rollout.worker_num_gpus,
+                max_restarts=restarts,
             ).remote(policy_path, cfg_dict, self.pools)
             for _ in range(cfg.rollout.num_workers)
         ]
@@ -211,14 +217,19 @@ class Trainer:
             for _ in range(cfg.reward.num_services)
         ]
         self.learners = LearnerGroup(policy_path, cfg)
-        self._worker_pids = {i: p["pid"] for i, p in enumerate(ray.get([w.ping.remote() for w in self.workers]))}
+        self._worker_pids = {
+            i: p["pid"] for i, p in enumerate(ray.get([w.ping.remote() for w in self.workers]))
+        }
         if self.version:
             ray.get([w.set_version.remote(self.version) for w in self.workers])
 
     # ------------------------------------------------------------------ rollouts
     def _make_groups(self, idx: list[int], chunk_id: int) -> list[tuple[Task, int, str]]:
         n = self.cfg.rollout.n
-        return [(self.train_tasks[i], n, f"s{self.step}c{chunk_id}g{j}-{self.train_tasks[i].id}") for j, i in enumerate(idx)]
+        return [
+            (self.train_tasks[i], n, f"s{self.step}c{chunk_id}g{j}-{self.train_tasks[i].id}")
+            for j, i in enumerate(idx)
+        ]
 
     def _split(self, groups: list, chunk: int, seed: int) -> list[_SubBatch]:
         w = len(self.workers)
@@ -279,17 +290,25 @@ class Trainer:
                 self._recover_worker(sb.worker)
                 log.warning(
                     "rollout of %d groups (chunk %d) failed on worker %d: %s; re-queued (attempt %d)",
-                    len(sb.groups), sb.chunk, sb.worker, res.get("error", "actor died"), sb.attempts + 1,
+                    len(sb.groups),
+                    sb.chunk,
+                    sb.worker,
+                    res.get("error", "actor died"),
+                    sb.attempts + 1,
                 )
                 if sb.attempts > cfg.trainer.max_actor_restarts + 1:
-                    raise RuntimeError(f"chunk {sb.chunk} failed {sb.attempts} times; last error: {res.get('error')}")
+                    raise RuntimeError(
+                        f"chunk {sb.chunk} failed {sb.attempts} times; last error: {res.get('error')}"
+                    )
                 pending.appendleft(sb)
                 continue
             st.accepted.extend(res["accepted"])
             st.summaries.extend(res["summaries"])
             for k, v in res["drops"].items():
                 st.drops[k] = st.drops.get(k, 0) + v
-            if not any(s.chunk == sb.chunk for s in inflight) and not any(s.chunk == sb.chunk for s in pending):
+            if not any(s.chunk == sb.chunk for s in inflight) and not any(
+                s.chunk == sb.chunk for s in pending
+            ):
                 st.chunks = max(st.chunks, sb.chunk + 1)
         st.chunks = next_chunk if not inflight else st.chunks
         st.t_rollout_wait = time.perf_counter() - t0
@@ -299,13 +318,20 @@ class Trainer:
         """After a failed rollout: wait for Ray to restart the worker, then give it the current weights."""
         import ray
 
-        try:
-            info = ray.get(self.workers[i].ping.remote(), timeout=600)
-        except ray.exceptions.RayActorError as e:
-            raise RuntimeError(
-                f"RolloutWorker {i} is dead and out of restarts (trainer.max_actor_restarts="
-                f"{self.cfg.trainer.max_actor_restarts}): {e}"
-            ) from None
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                info = ray.get(self.workers[i].ping.remote(), timeout=600)
+                break
+            except ray.exceptions.ActorUnavailableError:  # restarting: ask again
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+            except ray.exceptions.RayActorError as e:
+                raise RuntimeError(
+                    f"RolloutWorker {i} is dead and out of restarts (trainer.max_actor_restarts="
+                    f"{self.cfg.trainer.max_actor_restarts}): {e}"
+                ) from None
         if info.get("pid") != self._worker_pids.get(i):
             self.events["worker_restarts"] += 1
             self._worker_pids[i] = info.get("pid")
@@ -329,14 +355,18 @@ class Trainer:
 
         cfg = self.cfg
         total = cfg.trainer.total_steps
-        bar = tqdm(total=total, initial=self.step, desc="rl", disable=not cfg.logging.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=total, initial=self.step, desc="rl", disable=not cfg.logging.progress, dynamic_ncols=True
+        )
         last: dict[str, Any] = {}
         try:
             while self.step < total:
                 last = self.train_one_step()
                 bar.update(1)
-                bar.set_postfix(acc=f"{last.get('rollout/acc_mean', float('nan')):.2f}",
-                                tools=f"{last.get('rollout/tool_calls_mean', float('nan')):.2f}")
+                bar.set_postfix(
+                    acc=f"{last.get('rollout/acc_mean', float('nan')):.2f}",
+                    tools=f"{last.get('rollout/tool_calls_mean', float('nan')):.2f}",
+                )
                 if self.step % cfg.trainer.save_every == 0 or self.step == total:
                     self.save_checkpoint()
         finally:
@@ -357,7 +387,8 @@ class Trainer:
             )
             if cfg.trainer.on_underfull == "stop" or not st.accepted:
                 raise RuntimeError(
-                    msg + " Raise trainer.max_chunks_per_step, relax reward.filters, or set trainer.on_underfull=train."
+                    msg
+                    + " Raise trainer.max_chunks_per_step, relax reward.filters, or set trainer.on_underfull=train."
                 )
             log.warning(msg + " Training on what there is.")
         ranked = sorted(st.accepted, key=lambda a: (-a[1], a[0]))[:need]
@@ -373,7 +404,11 @@ class Trainer:
         m: dict[str, Any] = {"version": self.version}
         m.update(summarize_rollouts(st.summaries))
         trained_ids = {gid for gid, _, _ in ranked}
-        m.update(summarize_rollouts([s for s in st.summaries if s["group_id"] in trained_ids], prefix="train_batch/"))
+        m.update(
+            summarize_rollouts(
+                [s for s in st.summaries if s["group_id"] in trained_ids], prefix="train_batch/"
+            )
+        )
         m.update({f"train/{k}": v for k, v in train_metrics.items()})
         m.update({f"filter/dropped_{k}": v for k, v in st.drops.items()})
         m["filter/groups_accepted"] = len(st.accepted)
@@ -387,9 +422,13 @@ class Trainer:
         m["time/sync"] = t_sync
         m["time/step"] = t_total
         m["throughput/trajectories_per_s"] = len(st.summaries) / max(st.t_rollout_wait, 1e-9)
-        m["throughput/tokens_per_s"] = sum(s["model_tokens"] for s in st.summaries) / max(st.t_rollout_wait, 1e-9)
+        m["throughput/tokens_per_s"] = sum(s["model_tokens"] for s in st.summaries) / max(
+            st.t_rollout_wait, 1e-9
+        )
         m.update({f"events/{k}": v for k, v in self.events.items()})
-        m["collapse_warning"] = int(self.monitor.update(m.get("rollout/tool_calls_mean", float("nan")), self.step))
+        m["collapse_warning"] = int(
+            self.monitor.update(m.get("rollout/tool_calls_mean", float("nan")), self.step)
+        )
         if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0 and self.eval_tasks:
             t0 = time.perf_counter()
             m.update(self.evaluate_with_workers())
@@ -485,7 +524,10 @@ def check_resources(cfg: Config) -> None:
         + cfg.reward.num_services * cfg.ray.reward_num_cpus
         + cfg.sandbox.num_pools * cfg.ray.sandbox_num_cpus
     )
-    need_gpu = cfg.rollout.num_workers * cfg.rollout.worker_num_gpus + cfg.learner.world_size * cfg.learner.num_gpus_per_rank
+    need_gpu = (
+        cfg.rollout.num_workers * cfg.rollout.worker_num_gpus
+        + cfg.learner.world_size * cfg.learner.num_gpus_per_rank
+    )
     have = ray.cluster_resources()
     problems = []
     if need_cpu > have.get("CPU", 0) + 1e-9:

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -100,11 +101,13 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     """A run SIGKILLed after its step-2 checkpoint and resumed sees the same prompts per step as one that
     ran straight through, and ends at the same step count."""
     cmd = [sys.executable, "-m", "pyvision_rl.cli", "train", str(REPO / "configs/tiny_cpu.yaml")]
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    env = {**ENV, "RAY_TMPDIR": ray_tmp}
     straight = tiny_overrides(tmp_path, tiny_model_dir, "straight", steps=4)
-    subprocess.run(cmd + straight, env=ENV, check=True, cwd=REPO, capture_output=True, timeout=600)
+    subprocess.run(cmd + straight, env=env, check=True, cwd=REPO, capture_output=True, timeout=600)
 
     killed = tiny_overrides(tmp_path, tiny_model_dir, "killed", steps=4)
-    proc = subprocess.Popen(cmd + killed, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd + killed, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     marker = tmp_path / "killed" / "checkpoints" / "step_2" / "COMPLETE"
     deadline = time.time() + 600
@@ -113,8 +116,10 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     assert marker.exists(), "the run never wrote its step-2 checkpoint"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
     proc.wait()
-    subprocess.run(["ray", "stop", "--force"], env=ENV, capture_output=True)  # reap what SIGKILL left behind
-    subprocess.run(cmd + killed, env=ENV, check=True, cwd=REPO, capture_output=True, timeout=600)
+    # Reap the Ray services of the killed run (only those: they live under this run's RAY_TMPDIR).
+    subprocess.run(["pkill", "-9", "-f", ray_tmp], capture_output=True)
+    time.sleep(1.0)
+    subprocess.run(cmd + killed, env=env, check=True, cwd=REPO, capture_output=True, timeout=600)
 
     a, b = _trained(tmp_path / "straight"), _trained(tmp_path / "killed")
     assert [s for s, _, _ in b] == [1, 2, 3, 4]
@@ -131,14 +136,16 @@ def test_killing_a_rollout_worker_loses_no_group(tmp_path, tiny_model_dir, ray_l
     cfg = load_config(REPO / "configs/tiny_cpu.yaml", tiny_overrides(tmp_path, tiny_model_dir, steps=1))
     tr = Trainer(cfg)
     killed = threading.Event()
+    submit = tr._submit
 
-    def killer():
-        time.sleep(1.0)  # the first sub-batch is rolling out by now
-        ray.kill(tr.workers[0], no_restart=False)
-        killed.set()
+    def submit_then_kill(sb, worker):
+        submit(sb, worker)
+        if not killed.is_set():  # the worker dies with this sub-batch in flight
+            ray.kill(tr.workers[worker], no_restart=False)
+            killed.set()
 
+    tr._submit = submit_then_kill
     try:
-        threading.Thread(target=killer, daemon=True).start()
         m = tr.train_one_step()
     finally:
         tr.shutdown()
