@@ -72,6 +72,11 @@ test-slow: setup sandbox-image
 test-gpu: setup
 	$(PY) -m pytest -q -ra -m gpu $(PYTEST_ARGS)
 
+# vLLM engine tests: need `pip install -e .[vllm]` on a CUDA machine (vLLM's PyPI wheels are CUDA-only and
+# its Qwen-VL processor needs torchvision, which the CPU environment must not have); they skip elsewhere.
+test-vllm: setup
+	$(PY) -m pytest -q -ra -m vllm $(PYTEST_ARGS)
+
 # ---------------------------------------------------------------- main job
 # The embedded default: tiny model, synthetic tasks, SFT cold start then RL on local Ray (CPU).
 demo: setup sysdeps check-no-torchvision

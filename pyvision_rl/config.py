@@ -87,6 +87,11 @@ class RolloutConfig(_Section):
     max_images: int = Field(16, description="Max images (input + tool) per trajectory.")
     feed_errors: bool = Field(False, description="Feed Python errors back (True) or end with ERROR_IN_ACTION (paper).")
     prompt_template: str = Field("", description="Template key; empty picks the release's image/video key.")
+    system_prompt: str = Field(
+        "You are a helpful assistant.",
+        description="System block of the initial prompt. The default is what the Qwen chat template inserts, "
+        "so the release's prompts are reproduced byte for byte; '' leaves the system block out.",
+    )
     worker_num_cpus: float = Field(1.0, description="CPUs reserved per RolloutWorker.")
     worker_num_gpus: float = Field(0.0, description="GPUs per RolloutWorker (vLLM).")
     vllm_gpu_memory_utilization: float = Field(0.5, description="vLLM KV-cache share of GPU memory.")
@@ -165,8 +170,10 @@ class LearnerConfig(_Section):
 
 
 class SyncConfig(_Section):
-    backend: Literal["object_store", "nccl", "auto"] = Field(
-        "auto", description="Weight sync: object store (CPU) or NCCL broadcast (GPU); auto picks by device."
+    backend: Literal["object_store", "nccl", "gloo", "in_process", "auto"] = Field(
+        "auto",
+        description="Weight sync: object store (CPU), NCCL broadcast (GPU), gloo broadcast (CPU, tests), "
+        "in_process (same-process engines); auto picks object_store on CPU and nccl on GPU.",
     )
     bucket_mb: int = Field(256, description="Bucket size for weight transfer.")
 

@@ -172,6 +172,8 @@ class AgentLoop:
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.settings = LoopSettings.from_config(rollout_cfg, **overrides)
+        if self.settings.system_prompt == "":  # config spelling of "no system block"
+            self.settings.system_prompt = None
         self.chat = ChatTokens(self.tokenizer)
         self.merge = merge_size_of(processor)
         self._pool = ThreadPoolExecutor(
