@@ -94,13 +94,23 @@ sys.stdin = open(os.devnull)  # noqa: SIM115 - lives for the life of the process
 # Directories user code can write to; wiped between trajectories (missing ones are skipped).
 _WRITABLE = [_TMP, "/dev/shm", "/var/tmp"]
 _PR_SET_DUMPABLE = 4
+# The kernel's own references: user code may patch json/struct/base64/os module attributes in its
+# trajectory (json.dumps = None) without breaking the channel that reports its results.
+_dumps, _loads, _pack, _unpack, _b64encode = (
+    json.dumps,
+    json.loads,
+    struct.pack,
+    struct.unpack,
+    base64.b64encode,
+)
+_os_read, _os_write, _getpid = os.read, os.write, os.getpid
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _read_exact(n: int) -> bytes | None:
     buf = bytearray()
     while len(buf) < n:
-        chunk = os.read(_CHAN_IN, n - len(buf))
+        chunk = _os_read(_CHAN_IN, n - len(buf))
         if not chunk:
             return None
         buf += chunk
@@ -111,17 +121,17 @@ def _recv() -> dict | None:
     head = _read_exact(4)
     if head is None:
         return None
-    (n,) = struct.unpack(">I", head)
+    (n,) = _unpack(">I", head)
     body = _read_exact(n)
-    return None if body is None else json.loads(body.decode("utf-8"))
+    return None if body is None else _loads(body.decode("utf-8"))
 
 
 def _send(msg: dict) -> None:
-    data = json.dumps(msg).encode("utf-8")
-    data = struct.pack(">I", len(data)) + data
+    data = _dumps(msg).encode("utf-8")
+    data = _pack(">I", len(data)) + data
     view = memoryview(data)
     while view:
-        k = os.write(_CHAN_OUT, view)
+        k = _os_write(_CHAN_OUT, view)
         view = view[k:]
 
 
@@ -444,7 +454,7 @@ def _exec(code: str) -> dict:
     except BaseException as e:  # noqa: BLE001 - SystemExit/KeyboardInterrupt from user code are errors too
         error = _user_traceback(e, "<cell-")
     finally:
-        if os.getpid() != _MAIN_PID:
+        if _getpid() != _MAIN_PID:
             # A process the user's code forked has finished the cell: it must never answer on the
             # channel (the host would read two replies), so it leaves here.
             os._exit(0)
@@ -454,7 +464,7 @@ def _exec(code: str) -> dict:
         cap.write(note + "\n")
     return {
         "stdout": cap.text(),
-        "images": [base64.b64encode(p).decode("ascii") for p in _shown],
+        "images": [_b64encode(p).decode("ascii") for p in _shown],
         "error": error,
         "duration_s": time.perf_counter() - t0,
     }

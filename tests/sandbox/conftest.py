@@ -1,21 +1,23 @@
-"""Fixtures for the sandbox tests: one warm sandbox per backend per module (docker ones skip with a
-reason when no engine answers or the image is missing)."""
+"""Fixtures for the sandbox tests: one warm sandbox per backend and mode (fresh box per trajectory, or
+reused boxes) per module; docker ones skip with a reason when no engine answers or the image is missing."""
 
 from __future__ import annotations
 
 import pytest
-from sandbox_helpers import BACKENDS, sandbox_cfg, skip_reason
+from sandbox_helpers import BACKEND_MODES, sandbox_cfg, skip_reason
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+@pytest.fixture(scope="module", params=BACKEND_MODES)
 def sandbox(request):
-    """A started sandbox of each backend (module scope: the warm pool is shared by the module's tests)."""
-    reason = skip_reason(request.param)
+    """A started sandbox of each backend and mode (module scope: the warm pool is shared by the module's
+    tests; in reuse mode its boxes serve the module's trajectories one after another)."""
+    backend, reuse = request.param
+    reason = skip_reason(backend)
     if reason:
         pytest.skip(reason)
     from pyvision_rl.sandbox.base import make_sandbox
 
-    sb = make_sandbox(sandbox_cfg(request.param))
+    sb = make_sandbox(sandbox_cfg(backend, reuse_kernels=reuse))
     yield sb
     sb.close()
 

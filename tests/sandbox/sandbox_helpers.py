@@ -43,3 +43,12 @@ BACKENDS = [
     pytest.param("process", id="process"),
     pytest.param("docker", id="docker", marks=pytest.mark.docker),
 ]
+
+# (backend, reuse_kernels): every interpreter-level test runs in both modes: a fresh box per trajectory,
+# and the fork-server mode where one box's zygote serves trajectory after trajectory.
+BACKEND_MODES = [
+    pytest.param(("process", False), id="process-fresh"),
+    pytest.param(("process", True), id="process-reuse"),
+    pytest.param(("docker", False), id="docker-fresh", marks=pytest.mark.docker),
+    pytest.param(("docker", True), id="docker-reuse", marks=pytest.mark.docker),
+]
