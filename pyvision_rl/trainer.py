@@ -132,6 +132,8 @@ class _SubBatch:
     chunk: int
     groups: list[tuple[Task, int, str]]
     seed: int
+    cursor_start: dict[str, int] = field(default_factory=dict)
+    carried: bool = False  # sampled during the previous step: must be used now (staleness stays <= 1)
     worker: int = -1
     ref: Any = None
     score_ref: Any = None
@@ -158,6 +160,9 @@ class Trainer:
         self.events: dict[str, int] = {"worker_restarts": 0, "requeued_subbatches": 0, "reward_restarts": 0}
         self.step = 0
         self.version = 0
+        self.chunk_seq = 0
+        self._carry: list[_SubBatch] = []
+        self._next_worker = 0
         self.resume_from = resolve_resume(cfg)
         self.model_path = prepare_model(cfg)
         self.train_tasks, self.eval_tasks = prepare_data(cfg)
@@ -170,6 +175,7 @@ class Trainer:
             policy_path = str(self.resume_from / "model")
             self.step, self.version = state["step"], state["version"]
             self.cursor.load_state(state["cursor"])
+            self.chunk_seq = int(state.get("chunk_seq", 0))
             self.events.update(state.get("events", {}))
             _set_rng_state(state["rng"])
             log.info("resuming from %s (step %d)", self.resume_from, self.step)
@@ -224,17 +230,23 @@ class Trainer:
             ray.get([w.set_version.remote(self.version) for w in self.workers])
 
     # ------------------------------------------------------------------ rollouts
-    def _make_groups(self, idx: list[int], chunk_id: int) -> list[tuple[Task, int, str]]:
-        n = self.cfg.rollout.n
-        return [
-            (self.train_tasks[i], n, f"s{self.step}c{chunk_id}g{j}-{self.train_tasks[i].id}")
-            for j, i in enumerate(idx)
-        ]
+    def _new_chunk(self) -> list[_SubBatch]:
+        """Take the next `gen_batch_size` prompts as chunk number `self.chunk_seq`, split over the workers.
 
-    def _split(self, groups: list, chunk: int, seed: int) -> list[_SubBatch]:
+        The chunk number (global across steps) seeds sampling and names the groups, so a resumed run
+        regenerates exactly what an uninterrupted one would."""
+        cfg = self.cfg
+        cid = self.chunk_seq
+        self.chunk_seq += 1
+        start = self.cursor.state()
+        idx = self.cursor.take(cfg.rollout.gen_batch_size)
+        n = cfg.rollout.n
+        groups = [(self.train_tasks[i], n, f"c{cid}g{j}-{self.train_tasks[i].id}") for j, i in enumerate(idx)]
+        seed = (cfg.run.seed * 1_000_003 + cid) & 0x7FFFFFFF
         w = len(self.workers)
-        parts = [groups[i::w] for i in range(w)]
-        return [_SubBatch(chunk, p, seed * 1000 + k) for k, p in enumerate(parts) if p]
+        return [
+            _SubBatch(cid, groups[k::w], seed * 16 + k, cursor_start=start) for k in range(w) if groups[k::w]
+        ]
 
     def _submit(self, sb: _SubBatch, worker: int) -> None:
         sb.worker = worker
@@ -245,46 +257,57 @@ class Trainer:
         sb.score_ref = svc.score.remote([sb.ref])
 
     def _collect_step(self) -> _StepState:
+        """Roll out and score chunks until `train_batch_size` groups survive (or the chunk budget is spent).
+
+        Sub-batches still in flight at the end are carried into the next step when
+        `trainer.max_staleness >= 1` (they were sampled with the current weights and are trained one
+        version later), and otherwise cancelled with their prompts given back to the cursor."""
         import ray
 
         cfg = self.cfg
         need = cfg.trainer.train_batch_size
         st = _StepState()
-        pending: deque[_SubBatch] = deque()
-        inflight: list[_SubBatch] = []
-        chunk_starts: dict[int, dict[str, int]] = {}
-        next_chunk = 0
-        next_worker = 0
+        pending: deque[_SubBatch] = deque(sb for sb in self._carry if sb.ref is None)
+        inflight = [sb for sb in self._carry if sb.ref is not None]
+        self._carry = []
+        consumed: set[int] = set()  # chunks with at least one scored sub-batch
+        new_chunks = 0
         max_inflight = len(self.workers) + 1
         t0 = time.perf_counter()
         while True:
             enough = len(st.accepted) >= need
-            out_of_chunks = next_chunk >= cfg.trainer.max_chunks_per_step
-            if not enough and not out_of_chunks and not pending and len(inflight) < max_inflight:
-                chunk_starts[next_chunk] = self.cursor.state()
-                idx = self.cursor.take(cfg.rollout.gen_batch_size)
-                seed = hash((cfg.run.seed, self.step, next_chunk)) & 0x7FFFFFFF
-                pending.extend(self._split(self._make_groups(idx, next_chunk), next_chunk, seed))
-                next_chunk += 1
-            while pending and len(inflight) < max_inflight:
+            if (
+                not enough
+                and new_chunks < cfg.trainer.max_chunks_per_step
+                and not pending
+                and len(inflight) < max_inflight
+            ):
+                pending.extend(self._new_chunk())
+                new_chunks += 1
+            while pending and len(inflight) < max_inflight and not enough:
                 sb = pending.popleft()
-                self._submit(sb, next_worker % len(self.workers))
-                next_worker += 1
+                self._submit(sb, self._next_worker % len(self.workers))
+                self._next_worker += 1
                 inflight.append(sb)
-            if not inflight:
+            # Once the step is full, only finish chunks that are partly used already (a group never splits).
+            waiting = [sb for sb in inflight if not enough or sb.chunk in consumed or sb.carried]
+            waiting += [sb for sb in pending if enough and (sb.chunk in consumed or sb.carried)]
+            if not waiting:
                 break
-            if enough:  # speculative chunks are not needed: un-take their prompts (deterministic resume)
-                self._discard(inflight, chunk_starts)
-                break
-            ready, _ = ray.wait([sb.score_ref for sb in inflight], num_returns=1)
+            for sb in [sb for sb in waiting if sb.ref is None]:  # re-queued parts of a consumed chunk
+                pending.remove(sb)
+                self._submit(sb, self._next_worker % len(self.workers))
+                self._next_worker += 1
+                inflight.append(sb)
+            ready, _ = ray.wait([sb.score_ref for sb in waiting if sb.score_ref is not None], num_returns=1)
             sb = next(s for s in inflight if s.score_ref == ready[0])
             inflight.remove(sb)
             try:
                 res = ray.get(sb.score_ref)
-            except ray.exceptions.RayActorError as e:  # the reward service died: score again
+            except ray.exceptions.RayActorError as e:  # the reward service died: roll out and score again
                 self.events["reward_restarts"] += 1
-                log.warning("RewardService died while scoring chunk %d (%s); re-scoring", sb.chunk, e)
-                res = {"failed": [0]}
+                log.warning("RewardService died while scoring chunk %d (%s); re-queued", sb.chunk, e)
+                res = {"failed": [0], "error": str(e)}
             if res.get("failed"):
                 self.events["requeued_subbatches"] += 1
                 self._recover_worker(sb.worker)
@@ -293,26 +316,52 @@ class Trainer:
                     len(sb.groups),
                     sb.chunk,
                     sb.worker,
-                    res.get("error", "actor died"),
+                    str(res.get("error", "actor died"))[:300],
                     sb.attempts + 1,
                 )
                 if sb.attempts > cfg.trainer.max_actor_restarts + 1:
                     raise RuntimeError(
                         f"chunk {sb.chunk} failed {sb.attempts} times; last error: {res.get('error')}"
                     )
+                sb.ref = sb.score_ref = None
                 pending.appendleft(sb)
                 continue
+            consumed.add(sb.chunk)
             st.accepted.extend(res["accepted"])
             st.summaries.extend(res["summaries"])
             for k, v in res["drops"].items():
                 st.drops[k] = st.drops.get(k, 0) + v
-            if not any(s.chunk == sb.chunk for s in inflight) and not any(
-                s.chunk == sb.chunk for s in pending
-            ):
-                st.chunks = max(st.chunks, sb.chunk + 1)
-        st.chunks = next_chunk if not inflight else st.chunks
+        leftover = inflight + list(pending)
+        if leftover and cfg.trainer.max_staleness >= 1:
+            self._carry = leftover
+            for sb in leftover:
+                sb.carried = True
+        elif leftover:
+            self._discard(leftover)
+        st.chunks = len(consumed)
         st.t_rollout_wait = time.perf_counter() - t0
         return st
+
+    def _prefetch(self) -> None:
+        """With max_staleness >= 1, keep the workers busy with the next step's first chunk while the
+        learner trains (those trajectories are one version stale when trained)."""
+        if self.cfg.trainer.max_staleness < 1 or any(sb.ref is not None for sb in self._carry):
+            return
+        if not self._carry:
+            self._carry = self._new_chunk()
+            for sb in self._carry:
+                sb.carried = True
+        for sb in self._carry:
+            if sb.ref is None:
+                self._submit(sb, self._next_worker % len(self.workers))
+                self._next_worker += 1
+
+    def resume_point(self) -> tuple[dict[str, int], int]:
+        """(cursor, chunk_seq) of the first prompt not yet used by a trained step."""
+        if self._carry:
+            first = min(self._carry, key=lambda sb: sb.chunk)
+            return first.cursor_start, first.chunk
+        return self.cursor.state(), self.chunk_seq
 
     def _recover_worker(self, i: int) -> None:
         """After a failed rollout: wait for Ray to restart the worker, then give it the current weights."""
@@ -340,14 +389,16 @@ class Trainer:
             self.learners.sync_weights([self.workers[i]], self.version)
             ray.get(self.workers[i].set_version.remote(self.version))
 
-    def _discard(self, inflight: list[_SubBatch], chunk_starts: dict[int, dict[str, int]]) -> None:
+    def _discard(self, leftover: list[_SubBatch]) -> None:
+        """Cancel unneeded sub-batches and give their prompts back (all of them belong to unused chunks)."""
         import ray
 
-        first = min(sb.chunk for sb in inflight)
-        for sb in inflight:
-            ray.cancel(sb.score_ref, force=False)
-        self.cursor.load_state(chunk_starts[first])
-        inflight.clear()
+        for sb in leftover:
+            if sb.score_ref is not None:
+                ray.cancel(sb.score_ref, force=False)
+        first = min(leftover, key=lambda sb: sb.chunk)
+        self.cursor.load_state(first.cursor_start)
+        self.chunk_seq = first.chunk
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
@@ -392,6 +443,7 @@ class Trainer:
                 )
             log.warning(msg + " Training on what there is.")
         ranked = sorted(st.accepted, key=lambda a: (-a[1], a[0]))[:need]
+        self._prefetch()
         t0 = time.perf_counter()
         train_metrics = self.learners.train_step([ref for _, _, ref in ranked])
         t_train = time.perf_counter() - t0
@@ -434,7 +486,7 @@ class Trainer:
             m.update(self.evaluate_with_workers())
             m["time/eval"] = time.perf_counter() - t0
         m["trained_tasks"] = sorted({s["task_id"] for s in st.summaries if s["group_id"] in trained_ids})
-        m["cursor"] = self.cursor.state()
+        m["cursor"] = self.resume_point()[0]
         self.logger.log(self.step, m)
         return m
 
@@ -460,10 +512,12 @@ class Trainer:
             shutil.rmtree(ck)
         ck.mkdir(parents=True)
         self.learners.save(str(ck))
+        cursor, chunk_seq = self.resume_point()
         state = {
             "step": self.step,
             "version": self.version,
-            "cursor": self.cursor.state(),
+            "cursor": cursor,
+            "chunk_seq": chunk_seq,
             "rng": _rng_state(),
             "events": self.events,
         }

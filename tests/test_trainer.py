@@ -207,3 +207,21 @@ def test_bad_data_stops_with_file_row_field(tmp_path, tiny_model_dir):
     assert str(data) in r.stderr and "row 1" in r.stderr and "image" in r.stderr
     r = _cli("train", "configs/tiny_cpu.yaml", f"run.output_dir={tmp_path}", f"model.path={tmp_path}")
     assert r.returncode == 2 and "model.path" in r.stderr
+
+
+@pytest.mark.slow
+def test_one_step_off_rollouts_are_bounded(tmp_path, tiny_model_dir, ray_local):
+    """max_staleness=1: the next step's first chunk rolls out while the learner trains, and is trained one
+    version later; nothing is ever more than one version stale."""
+    from pyvision_rl.trainer import Trainer
+
+    cfg = load_config(REPO / "configs/tiny_cpu.yaml",
+                      tiny_overrides(tmp_path, tiny_model_dir, steps=3) + ["trainer.max_staleness=1"])
+    tr = Trainer(cfg)
+    try:
+        tr.fit()
+    finally:
+        tr.shutdown()
+    rows = read_metrics(cfg.run_dir())
+    assert [r["staleness_max"] for r in rows] == [0, 1, 1]
+    assert all(r["filter/groups_trained"] == 2 for r in rows)
