@@ -290,14 +290,28 @@ def test_launcher_yaml_is_a_valid_ray_cluster_config():
 
 # ----------------------------------------------------------------------------- submit.sh
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_ports(1)[0]
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports (all sockets stay open until every port is chosen, so none repeats)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", WANDB_MODE="offline", **extra)
+    # As the Makefile does: DeepSpeed's JIT-built ops are cached in the repo (submit.sh passes it on).
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     return env
 
 
@@ -333,34 +347,49 @@ class LocalRayHead:
     def __init__(self, tmp: Path, auth: str, num_cpus: int = 2):
         self.tmp = tmp
         self.auth = auth
-        self.dashboard_port = _free_port()
         self.token_path = tmp / "auth_token"
         self.env = _clean_env(RAY_AUTH_MODE=auth)
         if auth == "token":  # a private token file: never touch ~/.ray/auth_token
             self.token_path.write_text(os.urandom(16).hex())
             self.env["RAY_AUTH_TOKEN_PATH"] = str(self.token_path)
+        self.num_cpus = num_cpus
+        for attempt in range(3):  # a chosen port can be taken by another process before Ray binds it
+            out = self._start()
+            if out is None:
+                break
+            if attempt == 2:
+                raise RuntimeError(f"ray start --head failed:\n{out}")
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self) -> str | None:
+        """Start the head; None on success, else `ray start`'s output (after cleaning up)."""
+        ports = _free_ports(9)
+        self.dashboard_port = ports[0]
         # A short temp dir: Ray's unix socket paths must stay under ~107 characters.
         self.temp_dir = Path(f"/tmp/pvrl_{os.getpid()}_{self.dashboard_port}")
+        flags = [
+            "port",
+            "ray-client-server-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "node-manager-port",
+            "object-manager-port",
+        ]
         cmd = [
             str(RAY_BIN),
             "start",
             "--head",
-            f"--num-cpus={num_cpus}",
+            f"--num-cpus={self.num_cpus}",
             "--include-dashboard=true",
-            f"--temp-dir={self.temp_dir}",
-            f"--port={_free_port()}",
-            f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={_free_port()}",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
-            f"--node-manager-port={_free_port()}",
-            f"--object-manager-port={_free_port()}",
             "--disable-usage-stats",
+            f"--temp-dir={self.temp_dir}",
+            f"--dashboard-port={self.dashboard_port}",
+            *(f"--{flag}={port}" for flag, port in zip(flags, ports[1:], strict=True)),
         ]
         # A new session: every daemon (GCS, raylet, dashboard, workers) shares this process group.
-        self.proc = subprocess.Popen(
+        proc = subprocess.Popen(
             cmd,
             env=self.env,
             start_new_session=True,
@@ -368,12 +397,12 @@ class LocalRayHead:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        self.pgid = self.proc.pid
-        out, _ = self.proc.communicate(timeout=120)
-        if self.proc.returncode != 0:
+        self.pgid = proc.pid
+        out, _ = proc.communicate(timeout=120)
+        if proc.returncode != 0:
             self.stop()
-            raise RuntimeError(f"ray start --head failed:\n{out}")
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+            return out
+        return None
 
     def submit(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         env = dict(self.env)
@@ -471,7 +500,16 @@ def test_submit_tiny_training_to_a_local_head(tmp_path):
             "trainer.total_steps=2",
             "trainer.save_every=2",
             "trainer.eval_every=0",
-            "eval.max_tasks=8",
+            # small enough for 2 shared cores: 4 prompts x 4 samples, one chunk per step
+            "trainer.train_batch_size=4",
+            "rollout.gen_batch_size=4",
+            "rollout.n=4",
+            "rollout.max_new_tokens=64",
+            "trainer.max_chunks_per_step=1",
+            "data.synthetic.n_train=64",
+            "data.synthetic.n_eval=8",
+            "eval.max_tasks=4",
+            "sandbox.warm_kernels=2",
             "sandbox.backend=process",
             "ray.address=auto",
             timeout=1100,
