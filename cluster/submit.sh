@@ -9,14 +9,15 @@
 #   --no-wait             submit and return; do not follow the logs
 #   --submission-id ID    job id (default: pyvision-rl-<UTC time>-<random>)
 #   --python PY           python the entrypoint runs with on the cluster (default: this checkout's
-#                         .venv/bin/python for a local address, else `python` from the cluster's PATH)
-#   --output-dir DIR      adds run.output_dir=DIR to a train job (default for a local address: ./runs of
-#                         this checkout; the job's working dir is a temporary copy, so relative paths vanish)
+#                         .venv/bin/python for a cluster on this machine, else `python` from its PATH)
+#   --output-dir DIR      adds run.output_dir=DIR to a train job (default for a cluster on this machine:
+#                         ./runs of this checkout; the job runs in a temporary copy of the repo)
 #   --env KEY=VALUE       extra environment variable for the job (repeatable)
 #   --entrypoint-num-gpus N / --entrypoint-num-cpus N   resources reserved for the driver (default 0)
 #
-# Authentication (Ray >= 2.52 token auth; on by default in the Ray this project pins): the script asks the
-# job server whether it wants a token. If it does, it uses $RAY_AUTH_TOKEN, else the file in
+# Authentication (Ray >= 2.52 token auth; Ray 2.60 turns it on by default for local clusters, and
+# `ray start` turns it on when ~/.ray/auth_token exists): the script asks the job server whether it wants
+# a token. If it does, it uses $RAY_AUTH_TOKEN, else the file in
 # $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token, and runs `ray` with RAY_AUTH_MODE=token. A cluster started
 # with RAY_AUTH_MODE=disabled needs none. Exit status: 0 if the job succeeded (or was submitted, with
 # --no-wait), 1 if it failed or was stopped, 2 on a usage/connection/authentication error.
@@ -52,6 +53,9 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ $# -gt 0 ]] || { usage >&2; die "give a CONFIG (e.g. configs/tiny_cpu.yaml) or -- COMMAND"; }
+if [[ "$1" == *.yaml || "$1" == *.yml ]] && [[ ! -f "$REPO/$1" && ! -f "$1" ]]; then
+  die "config '$1' not found (give a path inside $REPO, e.g. configs/tiny_cpu.yaml)"
+fi
 
 # ---- tools: prefer this checkout's venv (the one `make setup` builds)
 if [[ -x "$REPO/.venv/bin/ray" ]]; then RAY="$REPO/.venv/bin/ray"; PY="$REPO/.venv/bin/python"
@@ -133,7 +137,6 @@ then LOCAL=1; fi
 # ---- entrypoint
 if [[ "${1}" == *.yaml || "${1}" == *.yml ]]; then
   CONFIG="$1"; shift
-  [[ -f "$REPO/$CONFIG" || -f "$CONFIG" ]] || die "config '$CONFIG' not found (give a path inside $REPO, e.g. configs/tiny_cpu.yaml)"
   if [[ "$CONFIG" = /* ]]; then  # the job runs in a copy of the repo: make the path relative to it
     case "$CONFIG" in "$REPO"/*) CONFIG="${CONFIG#"$REPO"/}" ;; *) die "config '$CONFIG' lies outside $REPO; the job only sees files of the working dir" ;; esac
   fi

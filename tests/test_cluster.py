@@ -330,6 +330,17 @@ def test_submit_without_a_server_says_what_to_do():
     )
 
 
+def test_submit_names_a_missing_config_before_contacting_anything():
+    r = subprocess.run(
+        [str(SUBMIT), "--address", "127.0.0.1:1", "configs/no_such.yaml", "trainer.total_steps=1"],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        timeout=60,
+    )
+    assert r.returncode == 2 and "config 'configs/no_such.yaml' not found" in r.stderr, r.stderr
+
+
 def test_submit_rejects_a_ray_client_address():
     r = subprocess.run(
         [str(SUBMIT), "--address", "ray://head:10001", "--", "true"],
