@@ -207,6 +207,7 @@ class Box(ABC):
         self.started_at = time.monotonic()
         self.pid_in_box: int | None = None
         self.uses = 0  # trajectories served (reuse_kernels)
+        self.zygote = False
         self.died_reason: str | None = None  # what the zygote said when the trajectory child died
 
     @abstractmethod
@@ -250,6 +251,7 @@ class Box(ABC):
         if reply.get("op") != "ready":
             raise KernelDied(f"unexpected first message {reply!r}")
         self.pid_in_box = reply.get("pid")
+        self.zygote = bool(reply.get("zygote"))  # False: an image built before the fork-server kernel
         return reply
 
     def healthy(self, timeout_s: float = 2.0) -> bool:
@@ -438,9 +440,10 @@ class PooledSandbox(Sandbox):
     def __init__(self, cfg: SandboxConfig) -> None:
         self.cfg = cfg
         self._check()
-        self.pool = WarmPool(
-            self._start_box, cfg.warm_kernels, self.name, max_idle=cfg.max_kernels if cfg.reuse_kernels else 0
-        )
+        # With reuse, every cleaned box is kept: live boxes (<= max_kernels) plus the warm ones is the
+        # same number of boxes the one-box-per-trajectory mode holds, and none is killed for lack of room.
+        idle = cfg.max_kernels + cfg.warm_kernels if cfg.reuse_kernels else 0
+        self.pool = WarmPool(self._start_box, cfg.warm_kernels, self.name, max_idle=idle)
         self.reused = 0  # boxes cleaned and pooled again after a trajectory
         self.recycled = 0  # boxes killed at max_trajectories_per_box, or because cleaning failed
 
@@ -462,7 +465,7 @@ class PooledSandbox(Sandbox):
         if not self.cfg.reuse_kernels:
             box.kill()
             return
-        if box.uses >= self.cfg.max_trajectories_per_box:
+        if box.uses >= self.cfg.max_trajectories_per_box or not box.zygote:
             self.recycled += 1
             box.kill()
             return
