@@ -53,6 +53,7 @@ def run_agent(
     loop = AgentLoop(
         engine, LocalSandboxClient(sandbox), engine.processor, cfg.rollout,
         temperature=temperature, max_turns=max_turns or cfg.rollout.max_turns, feed_errors=feed_errors,
+        max_live=cfg.sandbox.max_kernels,
     )
     out: list[Trajectory] = []
     try:

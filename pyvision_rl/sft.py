@@ -32,7 +32,8 @@ def expert_trajectories(cfg: Config, model_path: str, tasks: list[Task], tool_fr
     turns = {t.id: expert_turns(t, use_tool=rng.random() < tool_fraction) for t in tasks}
     engine = ScriptedEngine.from_turns(processor.tokenizer, turns)
     sandbox = make_sandbox(cfg.sandbox)
-    loop = AgentLoop(engine, LocalSandboxClient(sandbox), processor, cfg.rollout, feed_errors=True)
+    loop = AgentLoop(engine, LocalSandboxClient(sandbox), processor, cfg.rollout, feed_errors=True,
+                     max_live=cfg.sandbox.max_kernels)
     try:
         trajs = loop.run([(t, f"sft-{t.id}") for t in tasks], version=0)
     finally:

@@ -109,7 +109,12 @@ class RolloutWorker:
             processor = load_processor(
                 policy_path, min_pixels=self.cfg.model.min_pixels, max_pixels=self.cfg.model.max_pixels
             )
-        common = dict(exec_timeout_s=self.cfg.sandbox.timeout_s)
+        # This worker's share of the kernel slots: more live trajectories than slots would deadlock
+        # (each holds its kernel until it ends and turns are synchronous across the batch).
+        sb = self.cfg.sandbox
+        slots = sb.max_kernels * (max(1, len(sandbox_pools)) if sandbox_pools else 1)
+        share = max(1, slots // max(1, self.cfg.rollout.num_workers)) if sandbox_pools else sb.max_kernels
+        common = dict(exec_timeout_s=sb.timeout_s, max_live=share)
         self.loop = AgentLoop(self.engine, client, processor, self.cfg.rollout, **common)
         ev = self.cfg.eval
         self.eval_loop = AgentLoop(

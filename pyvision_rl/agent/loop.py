@@ -114,6 +114,7 @@ class LoopSettings:
     exec_timeout_s: float | None = None  # None: the sandbox's own timeout_s
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     max_exec_threads: int = 32
+    max_live: int = 0  # trajectories run at once (0: all); the RolloutWorker sets its share of kernel slots
 
     @classmethod
     def from_config(cls, rollout_cfg: Any, **overrides: Any) -> LoopSettings:
@@ -247,10 +248,32 @@ class AgentLoop:
         self, tasks_with_group_ids: Sequence[tuple[Task, str]], version: int = 0, seed: int | None = None
     ) -> list[Trajectory]:
         """Roll out one trajectory per (task, group_id), in order. Never raises for one bad trajectory
-        (a missing file or a sandbox failure ends that trajectory); engine errors propagate."""
+        (a missing file or a sandbox failure ends that trajectory); engine errors propagate.
+
+        At most `max_live` trajectories run at once (waves): every live trajectory may hold a kernel until
+        it ends, and turns are synchronous, so more live trajectories than kernel slots would wait on
+        each other forever."""
+        items = list(tasks_with_group_ids)
+        cap = self.settings.max_live
+        if not cap or len(items) <= cap:
+            return self._run_wave(items, version, seed, {})
+        counters: dict[str, int] = {}
+        out: list[Trajectory] = []
+        total: dict[str, float] = {}
+        for w, i in enumerate(range(0, len(items), cap)):
+            wave_seed = None if seed is None else seed + 7919 * w
+            out.extend(self._run_wave(items[i : i + cap], version, wave_seed, counters))
+            for k, v in self.last_stats.items():
+                total[k] = total.get(k, 0.0) + v
+        self.last_stats = total
+        return out
+
+    def _run_wave(
+        self, tasks_with_group_ids: Sequence[tuple[Task, str]], version: int, seed: int | None,
+        counters: dict[str, int],
+    ) -> list[Trajectory]:
         t_start = time.perf_counter()
         stats = {"generate_s": 0.0, "sandbox_s": 0.0, "prompt_s": 0.0, "turns": 0.0, "generate_calls": 0.0}
-        counters: dict[str, int] = {}
         prompts: dict[str, Any] = {}
         all_live: list[_Live] = []
         done: list[_Live] = []

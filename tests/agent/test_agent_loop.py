@@ -297,3 +297,15 @@ def test_a_sandbox_failure_or_bad_row_costs_one_trajectory(processor, sandbox, d
     assert "sandbox pool died" in trajs[1].extra["sandbox_error"]
     assert "prompt" in trajs[3].extra["error"] and not trajs[3].vision_ok
     assert client._kernels == {}
+
+
+def test_waves_bound_live_trajectories(processor, sandbox, data):
+    """With max_live=2, five two-turn trajectories run in waves of at most two (never more kernels
+    than slots: with synchronous turns that would deadlock) and all finish with distinct request ids."""
+    task = data["color_count"]
+    scripts = {task.id: [code("x = 1\n" + SHOW + "print(x)"), answer("1")]}
+    trajs, engine, loop = run(processor, sandbox, scripts, [task], n=5, max_live=2)
+    assert engine.calls == [2, 2, 2, 2, 1, 1]
+    assert all(t.end_reason == EndReason.DONE and t.n_tool_calls == 1 for t in trajs)
+    assert len({t.extra["request_id"] for t in trajs}) == 5
+    assert loop.last_stats["trajectories"] == 5
