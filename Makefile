@@ -13,7 +13,7 @@ export DOCKER_HOST ?= unix:///var/run/docker.sock
 SANDBOX_IMAGE ?= pyvision-sandbox:latest
 PYTEST_ARGS ?=
 
-.PHONY: all setup sysdeps docker-up sandbox-image test test-fast test-docker test-slow test-gpu test-vllm \
+.PHONY: all setup setup-vllm sysdeps docker-up sandbox-image test test-fast test-docker test-slow test-gpu test-vllm \
         check-no-torchvision demo train lint format bench clean distclean
 
 all: setup
@@ -26,7 +26,9 @@ all: setup
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q "torch==2.14.0"; \
 	  else $(PIP) install -q "torch==2.13.0"; fi; fi
-	$(PIP) install -q -c constraints.txt -r requirements.lock
+	@mkdir -p $(CACHE)
+	@grep -v '^torch==' requirements.lock > $(CACHE)/requirements.notorch.txt  # torch is chosen above
+	$(PIP) install -q -c constraints.txt -r $(CACHE)/requirements.notorch.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	@touch $@
 
@@ -74,6 +76,11 @@ test-gpu: setup
 
 # vLLM engine tests: need `pip install -e .[vllm]` on a CUDA machine (vLLM's PyPI wheels are CUDA-only and
 # its Qwen-VL processor needs torchvision, which the CPU environment must not have); they skip elsewhere.
+# GPU machines only: vLLM 0.33 (pins torch 2.14.0 and a CUDA torchvision, which is fine on CUDA; the
+# CPU environment must never get torchvision, hence no constraints file here).
+setup-vllm: setup
+	$(PIP) install -q "vllm==0.33.0"
+
 test-vllm: setup
 	$(PY) -m pytest -q -ra -m vllm $(PYTEST_ARGS)
 

@@ -219,8 +219,13 @@ class SFTConfig(_Section):
 class RayConfig(_Section):
     address: str = Field("", description="Ray address ('' starts/joins a local cluster; 'auto' joins a running one).")
     num_cpus: int = Field(0, description="CPUs for a local cluster (0: all).")
+    include_dashboard: bool = Field(True, description="Start the Ray dashboard with a local cluster.")
     reward_num_cpus: float = Field(0.25, description="CPUs per RewardService.")
     sandbox_num_cpus: float = Field(0.25, description="CPUs per SandboxPool actor (kernels run outside it).")
+    sandbox_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per SandboxPool, to pin pools to CPU nodes (KubeRay: {sandbox: 1}).",
+    )
     learner_num_cpus: float = Field(1.0, description="CPUs per learner rank.")
 
 

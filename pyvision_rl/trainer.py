@@ -204,7 +204,10 @@ class Trainer:
         cfg_dict = cfg.model_dump(mode="json")
         self.pools = [
             SandboxPool.options(
-                num_cpus=cfg.ray.sandbox_num_cpus, max_restarts=restarts, max_task_retries=0
+                num_cpus=cfg.ray.sandbox_num_cpus,
+                resources=dict(cfg.ray.sandbox_resources) or None,
+                max_restarts=restarts,
+                max_task_retries=0,
             ).remote(cfg.sandbox.model_dump(mode="json"))
             for _ in range(cfg.sandbox.num_pools)
         ]
@@ -600,20 +603,30 @@ def check_resources(cfg: Config) -> None:
 
 
 def init_ray(cfg: Config) -> None:
+    """Join `ray.address` (or $RAY_ADDRESS, as under `ray job submit`) or start a local cluster."""
     import ray
 
     if ray.is_initialized():
         return
     kw: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
-    if address:
+    if address:  # a job's runtime env comes from the submission (cluster/submit.sh)
         kw["address"] = address
     else:
-        kw["include_dashboard"] = False
+        from pyvision_rl.cli import QUIET_ENV
+
+        kw["include_dashboard"] = cfg.ray.include_dashboard
         if cfg.ray.num_cpus:
             kw["num_cpus"] = cfg.ray.num_cpus
-    kw["runtime_env"] = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
-    ray.init(**kw)
+        env = {k: os.environ.get(k, v) for k, v in QUIET_ENV.items()}
+        for k in ("TORCH_EXTENSIONS_DIR", "WANDB_MODE", "WANDB_API_KEY", "DOCKER_HOST"):
+            if k in os.environ:
+                env[k] = os.environ[k]
+        kw["runtime_env"] = {"env_vars": env}
+    ctx = ray.init(**kw)
+    url = getattr(ctx, "dashboard_url", None)
+    if url:
+        log.info("Ray dashboard: http://%s", url)
 
 
 def train(cfg: Config) -> dict[str, Any]:

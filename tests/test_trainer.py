@@ -34,6 +34,7 @@ def tiny_overrides(out: Path, model: Path, name: str = "t", steps: int = 2) -> l
         "rollout.n=4", "rollout.gen_batch_size=4", "trainer.train_batch_size=2", "rollout.max_new_tokens=48",
         "sandbox.backend=process", "sandbox.warm_kernels=2", "sandbox.timeout_s=5",
         "data.synthetic.n_train=24", "data.synthetic.n_eval=4", "logging.wandb=disabled", "logging.progress=false",
+        "ray.include_dashboard=false",
         # The random tiny model rarely produces a clean answer: keep every group so steps always fill.
         "reward.filters.drop_zero_std=false",
     ]
