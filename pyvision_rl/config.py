@@ -214,6 +214,7 @@ class SFTConfig(_Section):
     batch_size: int = Field(32, description="Trajectories per SFT step.")
     lr: float = Field(3e-3, description="SFT learning rate.")
     tool_fraction: float = Field(0.5, description="Share of tool-using trajectories in the scripted expert mix.")
+    max_tasks: int = Field(512, description="Scripted expert trajectories are built for at most this many tasks.")
 
 
 class RayConfig(_Section):

@@ -73,7 +73,8 @@ def run_sft(cfg: Config, model_path: str | None = None, out_dir: Path | None = N
     else:
         train, _ = prepare_data(cfg)
         t0 = time.perf_counter()
-        trajs = expert_trajectories(cfg, model_path, train, cfg.sft.tool_fraction, cfg.run.seed)
+        tasks = train[: cfg.sft.max_tasks or None]
+        trajs = expert_trajectories(cfg, model_path, tasks, cfg.sft.tool_fraction, cfg.run.seed)
         log.info("built %d expert trajectories in %.1fs", len(trajs), time.perf_counter() - t0)
         write_trajectories(trajs, out_dir / "expert.jsonl")
     if not trajs:
