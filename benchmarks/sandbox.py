@@ -234,6 +234,7 @@ def bench_mode(backend: str, reuse: bool, image: str, trajectories: int, concurr
             time.sleep(1.0)
             todo = list(range(trajectories))
             errors.clear()
+            started0 = sb.pool.started
             meter.start()
             threads = [threading.Thread(target=work) for _ in range(concurrency)]
             t = time.perf_counter()
@@ -254,7 +255,9 @@ def bench_mode(backend: str, reuse: bool, image: str, trajectories: int, concurr
                 "errors": len(errors),
                 "cpu_s": cpu,
                 "cpu_ms_per_trajectory": {k: 1000 * v / trajectories for k, v in cpu.items()},
-                "reused_boxes": getattr(sb, "reused", 0),
+                "boxes_started": sb.pool.started - started0,
+                "boxes_recycled": getattr(sb, "recycled", 0),
+                "boxes_unhealthy": sb.pool.replaced,
             }
     finally:
         meter.close()
@@ -303,6 +306,7 @@ def print_modes(modes: dict) -> None:
     for key, label in (("boxes", "box CPU ms / trajectory"), ("engine", "engine CPU ms / trajectory"),
                        ("self", "client CPU ms / trajectory"), ("host", "host CPU ms / traj (upper bd)")):  # fmt: skip
         row(label, lambda m, key=key: f"{m['loop']['cpu_ms_per_trajectory'][key]:.0f}")
+    row("boxes started in the loop", lambda m: str(m["loop"]["boxes_started"]))
     row("errors", lambda m: str(m["loop"]["errors"]))
 
 

@@ -265,12 +265,16 @@ class WarmPool:
     """Keeps `size` started, ready boxes; `take()` hands out a healthy one (or starts one on demand).
 
     A background thread refills the pool; a box that fails its health check is killed and replaced.
+    With reuse (`max_boxes` > 0) handed-out boxes come back through `give_back` (or end in `discard`),
+    and the refill also stops while ready + leased boxes reach `max_boxes`: otherwise every momentary dip
+    of the ready list below `size` under load would start a box that a later `give_back` has no room for.
     """
 
-    def __init__(self, start_box: Callable[[], Box], size: int, name: str, max_idle: int = 0) -> None:
+    def __init__(self, start_box: Callable[[], Box], size: int, name: str, max_boxes: int = 0) -> None:
         self._start_box = start_box
         self._size = max(0, int(size))
-        self._max_idle = max(self._size, int(max_idle))  # cleaned boxes kept for reuse, at most
+        self._max_boxes = max(self._size, int(max_boxes)) if max_boxes else 0  # 0: no reuse, no cap
+        self._leased = 0  # boxes handed out and not yet given back or discarded
         self._ready: list[Box] = []
         self._lock = threading.Condition()
         self._closed = False
@@ -283,7 +287,7 @@ class WarmPool:
     def _refill_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._closed and len(self._ready) + self._starting >= self._size:
+                while not self._closed and not self._wants_box():
                     self._lock.wait(timeout=1.0)
                 if self._closed:
                     return
@@ -304,29 +308,55 @@ class WarmPool:
                             self.started += 1
                     self._lock.notify_all()
 
+    def _wants_box(self) -> bool:
+        have = len(self._ready) + self._starting
+        if have >= self._size:
+            return False
+        return not self._max_boxes or have + self._leased < self._max_boxes
+
     def take(self) -> Box:
         """A started, healthy box: from the pool if one is ready, else started now."""
         while True:
             with self._lock:
                 box = self._ready.pop(0) if self._ready else None
+                self._leased += 1
                 self._lock.notify_all()
             if box is None:
-                box = self._start_box()
+                try:
+                    box = self._start_box()
+                except BaseException:
+                    self._forget()
+                    raise
                 self.started += 1
                 return box
             if box.healthy():
                 return box
             self.replaced += 1
+            self._forget()
             box.kill()
 
-    def give_back(self, box: Box) -> None:
-        """Return a cleaned box for the next trajectory (kept up to `max_idle`, else killed). Returned
-        boxes go first in line: they are the ones whose start-up cost is already paid."""
+    def _forget(self) -> None:
         with self._lock:
-            if not self._closed and len(self._ready) < self._max_idle:
+            self._leased -= 1
+            self._lock.notify_all()
+
+    def give_back(self, box: Box) -> None:
+        """Return a cleaned, handed-out box for the next trajectory. Returned boxes go first in line:
+        they are the ones whose start-up cost is already paid."""
+        with self._lock:
+            self._leased -= 1
+            keep = not self._closed and (
+                not self._max_boxes or len(self._ready) + self._starting + self._leased < self._max_boxes
+            )
+            if keep:
                 self._ready.insert(0, box)
-                self._lock.notify_all()
-                return
+            self._lock.notify_all()
+        if not keep:
+            box.kill()
+
+    def discard(self, box: Box) -> None:
+        """Kill a handed-out box (its trajectory is over, timed out or crashed)."""
+        self._forget()
         box.kill()
 
     def ready_count(self) -> int:
@@ -373,13 +403,13 @@ class StreamKernel(Kernel):
             vids = box.taskdir.stage(self._videos, "video")
             reply = box.request({"op": "init", "images": imgs, "videos": vids}, time.monotonic() + 60.0)
         except SandboxError:
-            box.kill()
+            self._sandbox.pool.discard(box)
             raise
         except (KernelDied, KernelTimeout, OSError, ValueError) as e:
-            box.kill()
+            self._sandbox.pool.discard(box)
             raise SandboxError(f"the sandbox kernel failed while loading the task files: {e}") from e
         if reply.get("error"):
-            box.kill()
+            self._sandbox.pool.discard(box)
             raise SandboxError(f"{reply['error']} (images={self._images}, videos={self._videos})")
         return box
 
@@ -401,7 +431,7 @@ class StreamKernel(Kernel):
             try:
                 reply = box.request({"op": "exec", "code": code}, t0 + timeout)
             except KernelTimeout:
-                box.kill()
+                self._sandbox.pool.discard(box)
                 self._box = None
                 return ExecResult(
                     error=f"Execution timed out after {timeout:g} s and the interpreter was stopped; the next "
@@ -411,7 +441,7 @@ class StreamKernel(Kernel):
                 )
             except (KernelDied, OSError, ValueError, struct.error):
                 why = box.died_reason or box.death_reason()
-                box.kill()
+                self._sandbox.pool.discard(box)
                 self._box = None
                 return ExecResult(
                     error=f"The interpreter died ({why}); the next execution starts a fresh interpreter "
@@ -440,10 +470,10 @@ class PooledSandbox(Sandbox):
     def __init__(self, cfg: SandboxConfig) -> None:
         self.cfg = cfg
         self._check()
-        # With reuse, every cleaned box is kept: live boxes (<= max_kernels) plus the warm ones is the
-        # same number of boxes the one-box-per-trajectory mode holds, and none is killed for lack of room.
-        idle = cfg.max_kernels + cfg.warm_kernels if cfg.reuse_kernels else 0
-        self.pool = WarmPool(self._start_box, cfg.warm_kernels, self.name, max_idle=idle)
+        # With reuse, boxes live + ready stay within max_kernels + warm_kernels: the number of boxes the
+        # one-box-per-trajectory mode holds at full load, with no box started only to be killed.
+        cap = cfg.max_kernels + cfg.warm_kernels if cfg.reuse_kernels else 0
+        self.pool = WarmPool(self._start_box, cfg.warm_kernels, self.name, max_boxes=cap)
         self.reused = 0  # boxes cleaned and pooled again after a trajectory
         self.recycled = 0  # boxes killed at max_trajectories_per_box, or because cleaning failed
 
@@ -463,11 +493,11 @@ class PooledSandbox(Sandbox):
         killed; otherwise the zygote cleans it, the task directory is emptied, and it is pooled again."""
         box.uses += 1
         if not self.cfg.reuse_kernels:
-            box.kill()
+            self.pool.discard(box)
             return
         if box.uses >= self.cfg.max_trajectories_per_box or not box.zygote:
             self.recycled += 1
-            box.kill()
+            self.pool.discard(box)
             return
         # Order matters: first no process of the old trajectory is left (it could otherwise still read
         # the task files), then the files go, then the box is handed out again.
@@ -476,7 +506,7 @@ class PooledSandbox(Sandbox):
             self.pool.give_back(box)
         else:
             self.recycled += 1
-            box.kill()
+            self.pool.discard(box)
 
     def close(self) -> None:
         self.pool.close()

@@ -1,4 +1,6 @@
-"""Docker backend: one container per trajectory, the kernel as the container's long-lived main process.
+"""Docker backend: the kernel's zygote as the container's long-lived main process (PID 1). A container
+serves one trajectory, or with sandbox.reuse_kernels=true up to max_trajectories_per_box trajectories one
+at a time (the zygote cleans it in between; see base.py); the memory/pids limits are the container's.
 
 Each container runs with no network, a read-only root, a size-capped tmpfs /tmp, memory/CPU/pids limits,
 all capabilities dropped, no-new-privileges and a non-root user (the image's `sandbox`, uid 10001). We talk

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import gc
 import io
 import json
 import linecache
@@ -794,6 +795,12 @@ def _zygote() -> None:
 
 def main() -> None:
     _preload()
+    # Every trajectory starts from the same /tmp (the first one too): drop start-up leftovers (font
+    # caches written while importing) that later trajectories would not see after a wipe.
+    _wipe()
+    # Objects imported so far live for the zygote's whole life: keep them out of the collector, so a
+    # collection in a trajectory child does not write to (and so copy) every page of numpy/matplotlib.
+    gc.freeze()
     try:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         # Not dumpable: processes of the same uid (user code) cannot ptrace the zygote or open its

@@ -119,6 +119,8 @@ class KernelPool:
             "sandbox/live_kernels": float(live),
             "sandbox/warm_ready": float(pool.ready_count() if pool else 0),
             "sandbox/max_kernels": float(self.cfg.max_kernels),
+            "sandbox/boxes_reused": float(getattr(self.sandbox, "reused", 0)),
+            "sandbox/boxes_recycled": float(getattr(self.sandbox, "recycled", 0)),
         }
 
     def shutdown(self) -> None:

@@ -3,8 +3,9 @@
 The box sees only what it needs, read-only: /usr (and the /bin, /lib* links), the Python installation
 that runs the kernel (the host venv and its base interpreter), kernel.py and the task directory; it has a
 private size-capped /tmp, fresh /dev and /proc, new PID/network/IPC/UTS namespaces (no network at all),
-no capabilities and no new privileges. Memory, process and file-size caps are rlimits set by the kernel
-itself (no cgroups needed).
+no capabilities and no new privileges. Memory, process and file-size caps are rlimits the kernel's zygote
+sets on each trajectory's forked interpreter (no cgroups needed), so they count per trajectory also when
+a box is reused (sandbox.reuse_kernels).
 
 When run as root, bwrap keeps uid 0 outside its user namespace, and the kernel would be exempt from
 RLIMIT_NPROC (a fork bomb would not be stopped). So as root the box is made without a user namespace and
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from pyvision_rl.config import SandboxConfig
 from pyvision_rl.sandbox.base import (
@@ -92,12 +94,22 @@ def _python_roots(python: str) -> list[str]:
 class ProcessBox(Box):
     """One bwrap'd kernel process; talks over its stdin/stdout pipes."""
 
-    def __init__(self, cmd: list[str], taskdir: TaskDir, env: dict[str, str], ready_timeout_s: float) -> None:
+    def __init__(
+        self,
+        cmd: list[str],
+        taskdir: TaskDir,
+        env: dict[str, str],
+        ready_timeout_s: float,
+        spawner: ThreadPoolExecutor,
+    ) -> None:
         super().__init__(taskdir)
         self._killed = False
         # start_new_session: the whole box is one process group we can kill; no preexec_fn (unsafe in
-        # multi-threaded parents such as Ray workers).
-        self.proc = subprocess.Popen(
+        # multi-threaded parents such as Ray workers). Spawned from the sandbox's long-lived spawner
+        # thread: bwrap's --die-with-parent fires when the *thread* that forked it exits, and a box (above
+        # all a reused one) outlives the short-lived thread that happened to open it.
+        self.proc = spawner.submit(
+            subprocess.Popen,
             cmd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -105,7 +117,7 @@ class ProcessBox(Box):
             env=env,
             start_new_session=True,
             close_fds=True,
-        )
+        ).result()
         self._out = self.proc.stdout.fileno()
         self._buf = bytearray()
         try:
@@ -193,7 +205,12 @@ class ProcessSandbox(PooledSandbox):
     def __init__(self, cfg: SandboxConfig) -> None:
         self.python = ""
         self._roots: list[str] = []
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="process-sandbox-spawner")
         super().__init__(cfg)
+
+    def close(self) -> None:
+        super().close()
+        self._spawner.shutdown(wait=False)
 
     def _check(self) -> None:
         if shutil.which("bwrap") is None:
@@ -287,7 +304,7 @@ class ProcessSandbox(PooledSandbox):
     def _start_box(self) -> ProcessBox:
         taskdir = TaskDir("/task")
         try:
-            return ProcessBox(self.command(taskdir), taskdir, self._env(), ready_timeout_s=60.0)
+            return ProcessBox(self.command(taskdir), taskdir, self._env(), 60.0, self._spawner)
         except KernelDied as e:
             taskdir.remove()
             raise SandboxError(

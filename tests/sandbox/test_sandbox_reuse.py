@@ -152,3 +152,18 @@ def test_pids_of_the_previous_trajectory_are_not_reused_while_alive(reuse_sandbo
                       f"b'sleep' in open('/proc/{int(r.stdout)}/cmdline', 'rb').read())")  # fmt: skip
         assert r.stdout == "False\n", r
         b.close()
+
+
+def test_kernel_pool_metrics_count_reused_boxes(reuse_sandbox):
+    from pyvision_rl.sandbox.pool import KernelPool
+
+    pool = KernelPool(reuse_sandbox.cfg, sandbox=reuse_sandbox)  # shares the module's sandbox (no shutdown)
+    m0 = pool.metrics()
+    for i in range(2):
+        pool.open(f"t{i}")
+        assert pool.execute(f"t{i}", f"print({i})").stdout == f"{i}\n"
+        pool.close(f"t{i}")
+    m1 = pool.metrics()
+    # Each clean close either pools the box again or, at max_trajectories_per_box, replaces it.
+    done = lambda m: m["sandbox/boxes_reused"] + m["sandbox/boxes_recycled"]  # noqa: E731
+    assert done(m1) - done(m0) == 2 and m1["sandbox/boxes_reused"] > m0["sandbox/boxes_reused"]
