@@ -46,6 +46,7 @@ def run_demo(cfg: Config) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from pyvision_rl.metrics import read_metrics
     from pyvision_rl.plots import plot_run
     from pyvision_rl.sft import run_sft
     from pyvision_rl.trainer import prepare_data, prepare_model, train
@@ -97,6 +98,17 @@ def run_demo(cfg: Config) -> int:
     table.add_row(f"after RL ({final.name})", f"{after['acc']:.3f}", f"{after['tool_calls']:.2f}", f"{after['zero_tool_share']:.2f}")
     console.print(table)
     console.print(f"accuracy gain through RL: [bold]{after['acc'] - before['acc']:+.3f}[/]")
+    rows = [r for r in read_metrics(run_dir) if r.get("rollout/acc_mean") is not None]
+    if rows:
+        first, last = rows[0], rows[-1]
+        summary["rollout_first_step"] = {k: first[k] for k in ("rollout/acc_mean", "rollout/tool_calls_mean")}
+        summary["rollout_last_step"] = {k: last[k] for k in ("rollout/acc_mean", "rollout/tool_calls_mean")}
+        (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=1))
+        console.print(
+            f"RL rollouts (sampled, T={cfg.rollout.temperature}): accuracy {first['rollout/acc_mean']:.2f} -> "
+            f"{last['rollout/acc_mean']:.2f}, tool calls {first['rollout/tool_calls_mean']:.2f} -> "
+            f"{last['rollout/tool_calls_mean']:.2f} (step {first['step']} -> {last['step']})"
+        )
     console.print(f"plots: {', '.join(str(p) for p in plots)}")
     console.print(f"metrics: {run_dir / 'metrics.jsonl'}   total time {times['total'] / 60:.1f} min")
     return 0

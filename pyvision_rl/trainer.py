@@ -414,6 +414,8 @@ class Trainer:
         )
         last: dict[str, Any] = {}
         try:
+            if self.step == 0 and cfg.trainer.eval_every and self.eval_tasks:  # the baseline, for the curves
+                self.logger.log(0, self.evaluate_with_workers())
             while self.step < total:
                 last = self.train_one_step()
                 bar.update(1)

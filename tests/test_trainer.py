@@ -61,7 +61,9 @@ def test_full_tiny_run_metrics(tmp_path, tiny_model_dir, ray_local):
     finally:
         tr.shutdown()
     rows = read_metrics(cfg.run_dir())
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    baseline, rows = rows[0], rows[1:]
+    assert baseline["eval/count"] == 4 and 0.0 <= baseline["eval/acc_mean"] <= 1.0  # held-out before RL
     expected = {
         "rollout/reward_mean", "rollout/acc_mean", "rollout/tool_calls_mean", "rollout/tool_calls_min",
         "rollout/tool_calls_max", "rollout/tool_calls_zero_ratio", "rollout/tool_images_mean",
