@@ -59,6 +59,13 @@ def run_demo(cfg: Config) -> int:
     run_dir.mkdir(parents=True)
     times: dict[str, float] = {}
 
+    if cfg.sandbox.backend == "auto":  # decide once, so every phase uses (and reports) the same boundary
+        from pyvision_rl.sandbox.docker_backend import docker_available
+
+        ok, why = docker_available(cfg.sandbox.image)
+        cfg = _with(cfg, sandbox__backend="docker" if ok else "process")
+        console.print(f"sandbox backend: [bold]{cfg.sandbox.backend}[/]" + ("" if ok else f" ({why})"))
+
     t0 = time.perf_counter()
     base_model = prepare_model(cfg)
     _, held_out = prepare_data(cfg)
