@@ -22,7 +22,7 @@ all: setup
 # torch first, from the CPU wheel on disk (otherwise pip fetches a multi-GB CUDA build), then the lock.
 .venv/.stamp: pyproject.toml requirements.lock constraints.txt
 	@test -x .venv/bin/python || python3 -m venv .venv
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip "setuptools>=77" wheel
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q "torch==2.14.0"; \
 	  else $(PIP) install -q "torch==2.13.0"; fi; fi
