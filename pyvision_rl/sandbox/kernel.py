@@ -94,6 +94,30 @@ _FD_OUT = -1  # the child's raw fd-level output file (see _child_main)
 sys.stdin = open(os.devnull)  # noqa: SIM115 - lives for the life of the process
 # Directories user code can write to; wiped between trajectories (missing ones are skipped).
 _WRITABLE = [_TMP, "/dev/shm", "/var/tmp"]
+
+
+def _mounts_under(dirs: list[str]) -> set[str]:
+    """Mount points inside the writable dirs (e.g. a read-only interpreter bound under /tmp by the
+    process backend, when the project lives in /tmp): the wipe leaves them and their parents alone."""
+    out: set[str] = set()
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                mp = line.split()[4].replace("\\040", " ")
+                if any(mp.startswith(d.rstrip("/") + "/") for d in dirs):
+                    out.add(mp)
+    except OSError:
+        pass
+    return out
+
+
+_KEEP = _mounts_under(_WRITABLE)
+_KEEP_PARENTS: set[str] = set()
+for _m in list(_KEEP):
+    _d = os.path.dirname(_m)
+    while _d not in ("/", "") and _d not in _WRITABLE:
+        _KEEP_PARENTS.add(_d)
+        _d = os.path.dirname(_d)
 _PR_SET_DUMPABLE = 4
 # The kernel's own references: user code may patch json/struct/base64/os module attributes in its
 # trajectory (json.dumps = None) without breaking the channel that reports its results.
@@ -649,7 +673,15 @@ def _kill_all(timeout_s: float = 5.0) -> bool:
 
 
 def _rm(path: str) -> bool:
-    """Remove `path` (a tree) even where user code removed permissions; True when it is gone."""
+    """Remove `path` (a tree) even where user code removed permissions; True when it is gone (or is one
+    of the box's own mounts, or leads to one, which stay)."""
+    if path in _KEEP:
+        return True
+    if path in _KEEP_PARENTS:
+        try:
+            return all([_rm(os.path.join(path, name)) for name in os.listdir(path)])
+        except OSError:
+            return False
     try:
         st = os.lstat(path)
     except FileNotFoundError:

@@ -245,6 +245,9 @@ class ProcessSandbox(PooledSandbox):
                 cmd += ["--symlink", os.readlink(top), top]
             elif os.path.isdir(top):
                 cmd += ["--ro-bind", top, top]
+        # The private /tmp comes before the interpreter binds: a project (and its venv) living under /tmp
+        # must stay visible inside the box, bound read-only over the fresh tmpfs.
+        cmd += ["--size", str(cfg.tmpfs_mb * 1024 * 1024), "--perms", "1777", "--tmpfs", "/tmp"]
         # bwrap creates missing parents of a mount point with mode 0700; the box's uid must traverse them.
         parents: list[str] = []
         for target in [*self._roots, "/opt/pyvision/kernel.py", taskdir.mount_point]:
@@ -264,7 +267,6 @@ class ProcessSandbox(PooledSandbox):
             "--ro-bind", taskdir.host, taskdir.mount_point,
             "--dev", "/dev",
             "--proc", "/proc",
-            "--size", str(cfg.tmpfs_mb * 1024 * 1024), "--perms", "1777", "--tmpfs", "/tmp",
             "--chdir", "/tmp",
             "--cap-drop", "ALL",
         ]  # fmt: skip
