@@ -45,26 +45,12 @@ def sandbox():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    from pyvision_rl.data import load_tasks
     from pyvision_rl.data.synthetic import make_dataset
 
     out = tmp_path_factory.mktemp("synthetic")
     train, _ = make_dataset(out, "mixed", 3, 0, seed=0)
-    import json
-
-    tasks = []
-    for line in train.read_text().splitlines():
-        r = json.loads(line)
-        tasks.append(
-            Task(
-                id=r["id"],
-                question=r["question"],
-                answer=str(r["answer"]),
-                data_source=r["data_source"],
-                images=[str(out / r["image_path"])] if "image_path" in r else [],
-                videos=[str(out / r["video_path"])] if "video_path" in r else [],
-                extra=r.get("extra", {}),
-            )
-        )
+    tasks = load_tasks(train)
     return {t.extra["kind"]: t for t in tasks}
 
 

@@ -4,8 +4,6 @@ tasks through the real sandbox."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -13,7 +11,7 @@ pytestmark = pytest.mark.slow  # ~45 s: Ray start, actor imports, kernels
 
 from pyvision_rl.agent.protocol import ChatTokens  # noqa: E402
 from pyvision_rl.config import Config  # noqa: E402
-from pyvision_rl.types import EndReason, Task  # noqa: E402
+from pyvision_rl.types import EndReason  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,23 +23,12 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
+    from pyvision_rl.data import load_tasks
     from pyvision_rl.data.synthetic import make_dataset
 
     out = tmp_path_factory.mktemp("rw-data")
     train, _ = make_dataset(out, "mixed", 3, 0, seed=1)
-    rows = [json.loads(line) for line in train.read_text().splitlines()]
-    return [
-        Task(
-            id=r["id"],
-            question=r["question"],
-            answer=str(r["answer"]),
-            data_source=r["data_source"],
-            images=[str(out / r["image_path"])] if "image_path" in r else [],
-            videos=[str(out / r["video_path"])] if "video_path" in r else [],
-            extra=r.get("extra", {}),
-        )
-        for r in rows
-    ]
+    return load_tasks(train)
 
 
 @pytest.fixture(scope="module")
