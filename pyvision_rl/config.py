@@ -27,31 +27,40 @@ class RunConfig(_Section):
     output_dir: str = Field("runs", description="Parent directory of run directories.")
     seed: int = Field(0, description="Seed for data order, sampling and model init.")
     resume: str = Field(
-        "auto", description="'auto' resumes from the run dir's last checkpoint if any; 'never'; or a checkpoint path."
+        "auto",
+        description="'auto' resumes from the run dir's last checkpoint if any; 'never'; or a checkpoint path.",
     )
 
 
 class TinyModelConfig(_Section):
-    family: Literal["qwen2_5_vl", "qwen3_vl"] = Field("qwen2_5_vl", description="Architecture of the tiny model.")
+    family: Literal["qwen2_5_vl", "qwen3_vl"] = Field(
+        "qwen2_5_vl", description="Architecture of the tiny model."
+    )
     hidden_size: int = Field(128, description="Text hidden size (64 never learned to copy; 128 does).")
     num_layers: int = Field(2, description="Text decoder layers.")
     num_heads: int = Field(4, description="Attention heads.")
     num_kv_heads: int = Field(2, description="Key/value heads.")
-    vocab_size: int = Field(600, description="Target BPE vocabulary size (the Qwen special tokens are added on top).")
+    vocab_size: int = Field(
+        600, description="Target BPE vocabulary size (the Qwen special tokens are added on top)."
+    )
     vision_depth: int = Field(2, description="Vision tower blocks.")
     vision_hidden: int = Field(32, description="Vision tower width.")
 
 
 class ModelConfig(_Section):
     path: str = Field(
-        "", description="HF checkpoint dir of a Qwen-VL model. Empty: build the tiny model into <run>/tiny_model."
+        "",
+        description="HF checkpoint dir of a Qwen-VL model. Empty: build the tiny model into <run>/tiny_model.",
     )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Used when `path` is empty.")
     freeze_vision: bool = Field(True, description="Freeze the vision tower (paper setting).")
     gradient_checkpointing: bool = Field(False, description="Activation checkpointing in the learner.")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="'auto': bf16 on GPU, fp32 on CPU.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="'auto': bf16 on GPU, fp32 on CPU."
+    )
     max_pixels: int = Field(
-        1003520, description="Processor cap on pixels per image (Qwen default 1280*28*28 / ... set per recipe)."
+        1003520,
+        description="Processor cap on pixels per image (Qwen default 1280*28*28 / ... set per recipe).",
     )
     min_pixels: int = Field(3136, description="Processor floor on pixels per image.")
 
@@ -74,18 +83,28 @@ class DataConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    engine: Literal["hf", "vllm"] = Field("hf", description="Generation engine: transformers (CPU) or vLLM (GPU).")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="Generation engine: transformers (CPU) or vLLM (GPU)."
+    )
     num_workers: int = Field(1, description="RolloutWorker actors.")
     n: int = Field(8, description="Rollouts per prompt (group size).")
     gen_batch_size: int = Field(16, description="Prompts per oversampling chunk.")
     temperature: float = Field(1.0, description="Sampling temperature.")
     top_p: float = Field(1.0, description="Nucleus sampling (1.0: off).")
-    top_k: int = Field(0, description="Top-k sampling (0: off; transformers' default 50 is NOT true sampling).")
-    max_turns: int = Field(5, description="Assistant turns per trajectory (4 tool calls + answer in the paper).")
+    top_k: int = Field(
+        0, description="Top-k sampling (0: off; transformers' default 50 is NOT true sampling)."
+    )
+    max_turns: int = Field(
+        5, description="Assistant turns per trajectory (4 tool calls + answer in the paper)."
+    )
     max_new_tokens: int = Field(512, description="Max tokens the model generates in one turn.")
-    max_total_len: int = Field(8192, description="Max prompt+response tokens; checked before an image is appended.")
+    max_total_len: int = Field(
+        8192, description="Max prompt+response tokens; checked before an image is appended."
+    )
     max_images: int = Field(16, description="Max images (input + tool) per trajectory.")
-    feed_errors: bool = Field(False, description="Feed Python errors back (True) or end with ERROR_IN_ACTION (paper).")
+    feed_errors: bool = Field(
+        False, description="Feed Python errors back (True) or end with ERROR_IN_ACTION (paper)."
+    )
     prompt_template: str = Field("", description="Template key; empty picks the release's image/video key.")
     system_prompt: str = Field(
         "You are a helpful assistant.",
@@ -96,25 +115,36 @@ class RolloutConfig(_Section):
     worker_num_gpus: float = Field(0.0, description="GPUs per RolloutWorker (vLLM).")
     vllm_gpu_memory_utilization: float = Field(0.5, description="vLLM KV-cache share of GPU memory.")
     vllm_tensor_parallel_size: int = Field(1, description="vLLM tensor parallel size per worker.")
-    vllm_enable_sleep_mode: bool = Field(False, description="Sleep/wake vLLM around learner steps (colocated).")
+    vllm_enable_sleep_mode: bool = Field(
+        False, description="Sleep/wake vLLM around learner steps (colocated)."
+    )
 
 
 class SandboxConfig(_Section):
     backend: Literal["docker", "process", "auto"] = Field(
-        "auto", description="'docker' (containers), 'process' (bwrap + rlimits), 'auto' (docker if an engine answers)."
+        "auto",
+        description="'docker' (containers), 'process' (bwrap + rlimits), 'auto' (docker if an engine answers).",
     )
-    image: str = Field("pyvision-sandbox:latest", description="Docker image with the kernel (make sandbox-image).")
+    image: str = Field(
+        "pyvision-sandbox:latest", description="Docker image with the kernel (make sandbox-image)."
+    )
     num_pools: int = Field(1, description="SandboxPool actors.")
-    max_kernels: int = Field(32, description="Live kernels per pool (bounded concurrency; extra requests queue).")
+    max_kernels: int = Field(
+        32, description="Live kernels per pool (bounded concurrency; extra requests queue)."
+    )
     warm_kernels: int = Field(4, description="Pre-started kernels kept ready per pool.")
     timeout_s: float = Field(30.0, description="Per-execution timeout (release: 30 s).")
     memory_mb: int = Field(1024, description="Memory limit per kernel.")
     cpus: float = Field(1.0, description="CPU limit per kernel (docker).")
     pids: int = Field(128, description="Max processes/threads per kernel.")
     tmpfs_mb: int = Field(64, description="Size of the kernel's private /tmp.")
-    max_stdout_bytes: int = Field(8192, description="stdout/stderr kept per execution; the rest is cut with a marker.")
+    max_stdout_bytes: int = Field(
+        8192, description="stdout/stderr kept per execution; the rest is cut with a marker."
+    )
     max_images_per_exec: int = Field(8, description="Max figures one execution may return.")
-    max_image_pixels: int = Field(4_000_000, description="Max pixels per returned figure (larger are downscaled).")
+    max_image_pixels: int = Field(
+        4_000_000, description="Max pixels per returned figure (larger are downscaled)."
+    )
     reuse_kernels: bool = Field(
         False,
         description="Fork-server mode: a box's zygote (numpy/PIL/matplotlib imported once) forks a fresh "
@@ -123,15 +153,21 @@ class SandboxConfig(_Section):
         "discards the box. false: one box per trajectory (fully isolated).",
     )
     max_trajectories_per_box: int = Field(
-        64, ge=1, description="With reuse_kernels: trajectories one box serves before it is replaced by a fresh one."
+        64,
+        ge=1,
+        description="With reuse_kernels: trajectories one box serves before it is replaced by a fresh one.",
     )
 
 
 class FilterConfig(_Section):
     drop_zero_std: bool = Field(True, description="Drop groups whose rewards all tie.")
-    require_tool_image: bool = Field(True, description="Drop trajectories where no tool call returned an image.")
+    require_tool_image: bool = Field(
+        True, description="Drop trajectories where no tool call returned an image."
+    )
     drop_overlength: bool = Field(True, description="Drop OVER_LENGTH trajectories.")
-    drop_vision_mismatch: bool = Field(True, description="Drop trajectories whose vision tokens != image grids.")
+    drop_vision_mismatch: bool = Field(
+        True, description="Drop trajectories whose vision tokens != image grids."
+    )
     allowed_end_reasons: list[str] = Field(
         default_factory=lambda: ["DONE", "EXCEED_MAX_TURNS", "ERROR_IN_ACTION"],
         description="Keep only these end reasons.",
@@ -163,7 +199,9 @@ class LearnerConfig(_Section):
     std_norm: bool = Field(False, description="Normalise group advantages by std (GRPO) or not (Dr.GRPO).")
     kl_coef: float = Field(0.0, description="KL-to-reference coefficient (0: no reference model).")
     entropy_coef: float = Field(0.0, description="Entropy bonus coefficient.")
-    recompute_old_logprobs: bool = Field(True, description="Recompute old log-probs with the learner (else rollout's).")
+    recompute_old_logprobs: bool = Field(
+        True, description="Recompute old log-probs with the learner (else rollout's)."
+    )
     optimizer: Literal["torch_adamw", "deepspeed_adam"] = Field(
         "torch_adamw", description="torch AdamW (no JIT build) or DeepSpeed's fused/CPU Adam."
     )
@@ -191,7 +229,9 @@ class LoggingConfig(_Section):
 class TrainerConfig(_Section):
     total_steps: int = Field(20, description="RL steps.")
     train_batch_size: int = Field(8, description="Prompts per step (x rollout.n trajectories).")
-    max_chunks_per_step: int = Field(8, description="Oversampling chunks before a step is declared underfull.")
+    max_chunks_per_step: int = Field(
+        8, description="Oversampling chunks before a step is declared underfull."
+    )
     on_underfull: Literal["train", "stop"] = Field("train", description="Train on what there is, or stop.")
     max_staleness: int = Field(0, description="0: strictly on-policy (paper); 1: one-step-off rollouts.")
     save_every: int = Field(10, description="Checkpoint every k steps (and at the end).")
@@ -209,16 +249,24 @@ class EvalConfig(_Section):
 
 
 class SFTConfig(_Section):
-    data_path: str = Field("", description="Trajectory JSONL for the cold start. Empty: scripted expert data.")
+    data_path: str = Field(
+        "", description="Trajectory JSONL for the cold start. Empty: scripted expert data."
+    )
     steps: int = Field(500, description="SFT optimizer steps.")
     batch_size: int = Field(32, description="Trajectories per SFT step.")
     lr: float = Field(3e-3, description="SFT learning rate.")
-    tool_fraction: float = Field(0.5, description="Share of tool-using trajectories in the scripted expert mix.")
-    max_tasks: int = Field(512, description="Scripted expert trajectories are built for at most this many tasks.")
+    tool_fraction: float = Field(
+        0.5, description="Share of tool-using trajectories in the scripted expert mix."
+    )
+    max_tasks: int = Field(
+        512, description="Scripted expert trajectories are built for at most this many tasks."
+    )
 
 
 class RayConfig(_Section):
-    address: str = Field("", description="Ray address ('' starts/joins a local cluster; 'auto' joins a running one).")
+    address: str = Field(
+        "", description="Ray address ('' starts/joins a local cluster; 'auto' joins a running one)."
+    )
     num_cpus: int = Field(0, description="CPUs for a local cluster (0: all).")
     include_dashboard: bool = Field(True, description="Start the Ray dashboard with a local cluster.")
     reward_num_cpus: float = Field(0.25, description="CPUs per RewardService.")
@@ -267,7 +315,12 @@ def _closest(key: str) -> str:
     match = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if not match:  # try on the last component
         leaf = key.rsplit(".", 1)[-1]
-        match = [k for k in keys if k.rsplit(".", 1)[-1] in difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in keys], n=1)]
+        match = [
+            k
+            for k in keys
+            if k.rsplit(".", 1)[-1]
+            in difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in keys], n=1)
+        ]
     return f" Did you mean '{match[0]}'?" if match else ""
 
 
@@ -286,7 +339,9 @@ def parse_overrides(overrides: list[str]) -> dict:
     tree: dict = {}
     for ov in overrides:
         if "=" not in ov:
-            raise ConfigError(f"override '{ov}' is not of the form key.sub=value (e.g. trainer.total_steps=5).")
+            raise ConfigError(
+                f"override '{ov}' is not of the form key.sub=value (e.g. trainer.total_steps=5)."
+            )
         k, v = ov.split("=", 1)
         _set_dotted(tree, k.strip(), yaml.safe_load(v) if v != "" else "")
     return tree

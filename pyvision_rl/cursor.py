@@ -23,7 +23,9 @@ class PromptCursor:
     def _order(self, epoch: int) -> np.ndarray:
         if self._perm_epoch != epoch:
             self._perm = (
-                np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+                np.random.default_rng([self.seed, epoch]).permutation(self.n)
+                if self.shuffle
+                else np.arange(self.n)
             )
             self._perm_epoch = epoch
         return self._perm

@@ -34,12 +34,21 @@ def _heldout(cfg: Config, model_dir: Path, tasks) -> dict[str, float]:
     from pyvision_rl.evaluate import eval_report, run_agent
 
     trajs = run_agent(
-        cfg, model_dir, tasks, k=cfg.eval.k, temperature=cfg.eval.temperature, max_turns=cfg.eval.max_turns,
-        feed_errors=cfg.eval.feed_errors, seed=cfg.run.seed,
+        cfg,
+        model_dir,
+        tasks,
+        k=cfg.eval.k,
+        temperature=cfg.eval.temperature,
+        max_turns=cfg.eval.max_turns,
+        feed_errors=cfg.eval.feed_errors,
+        seed=cfg.run.seed,
     )
     o = eval_report(trajs, cfg.eval.k)["overall"]
-    return {"acc": o[f"acc_avg@{cfg.eval.k}"], "tool_calls": o["tool_calls_mean"],
-            "zero_tool_share": o["tool_calls_zero_ratio"]}
+    return {
+        "acc": o[f"acc_avg@{cfg.eval.k}"],
+        "tool_calls": o["tool_calls_mean"],
+        "zero_tool_share": o["tool_calls_zero_ratio"],
+    }
 
 
 def run_demo(cfg: Config) -> int:
@@ -81,7 +90,9 @@ def run_demo(cfg: Config) -> int:
     t0 = time.perf_counter()
     before = _heldout(cfg, sft_model, held_out)
     times["eval_before"] = time.perf_counter() - t0
-    console.print(f"[bold]3/4[/] SFT checkpoint held-out accuracy {before['acc']:.3f}, tool calls {before['tool_calls']:.2f}")
+    console.print(
+        f"[bold]3/4[/] SFT checkpoint held-out accuracy {before['acc']:.3f}, tool calls {before['tool_calls']:.2f}"
+    )
 
     t0 = time.perf_counter()
     rl_cfg = _with(cfg, model__path=str(sft_model), run__resume="never")
@@ -94,15 +105,30 @@ def run_demo(cfg: Config) -> int:
     plots = plot_run(run_dir)
     times["total"] = time.perf_counter() - t_start
 
-    summary = {"before_rl": before, "after_rl": after, "final_checkpoint": str(final), "times_s": times,
-               "plots": [str(p) for p in plots]}
+    summary = {
+        "before_rl": before,
+        "after_rl": after,
+        "final_checkpoint": str(final),
+        "times_s": times,
+        "plots": [str(p) for p in plots],
+    }
     (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=1))
 
     table = Table(title=f"held-out ({len(held_out)} tasks, greedy, {cfg.eval.max_turns} turns)")
     for col in ("checkpoint", "accuracy", "tool calls / traj", "share without tool"):
         table.add_column(col)
-    table.add_row("SFT cold start", f"{before['acc']:.3f}", f"{before['tool_calls']:.2f}", f"{before['zero_tool_share']:.2f}")
-    table.add_row(f"after RL ({final.name})", f"{after['acc']:.3f}", f"{after['tool_calls']:.2f}", f"{after['zero_tool_share']:.2f}")
+    table.add_row(
+        "SFT cold start",
+        f"{before['acc']:.3f}",
+        f"{before['tool_calls']:.2f}",
+        f"{before['zero_tool_share']:.2f}",
+    )
+    table.add_row(
+        f"after RL ({final.name})",
+        f"{after['acc']:.3f}",
+        f"{after['tool_calls']:.2f}",
+        f"{after['zero_tool_share']:.2f}",
+    )
     console.print(table)
     console.print(f"accuracy gain through RL: [bold]{after['acc'] - before['acc']:+.3f}[/]")
     rows = [r for r in read_metrics(run_dir) if r.get("rollout/acc_mean") is not None]

@@ -51,8 +51,13 @@ def run_agent(
     engine = HFEngine(str(model_path), min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
     sandbox = make_sandbox(cfg.sandbox)
     loop = AgentLoop(
-        engine, LocalSandboxClient(sandbox), engine.processor, cfg.rollout,
-        temperature=temperature, max_turns=max_turns or cfg.rollout.max_turns, feed_errors=feed_errors,
+        engine,
+        LocalSandboxClient(sandbox),
+        engine.processor,
+        cfg.rollout,
+        temperature=temperature,
+        max_turns=max_turns or cfg.rollout.max_turns,
+        feed_errors=feed_errors,
         max_live=cfg.sandbox.max_kernels,
     )
     out: list[Trajectory] = []
@@ -108,8 +113,14 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, data: str, out: str | None
     if cfg.eval.max_tasks:
         tasks = tasks[: cfg.eval.max_tasks]
     trajs = run_agent(
-        cfg, model_dir, tasks, k=cfg.eval.k, temperature=cfg.eval.temperature,
-        max_turns=cfg.eval.max_turns, feed_errors=cfg.eval.feed_errors, seed=cfg.run.seed,
+        cfg,
+        model_dir,
+        tasks,
+        k=cfg.eval.k,
+        temperature=cfg.eval.temperature,
+        max_turns=cfg.eval.max_turns,
+        feed_errors=cfg.eval.feed_errors,
+        seed=cfg.run.seed,
     )
     report = {"checkpoint": str(model_dir), "data": str(data), **eval_report(trajs, cfg.eval.k)}
     out_dir = Path(out) if out else Path(checkpoint) / "eval"

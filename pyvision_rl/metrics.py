@@ -79,7 +79,10 @@ class CollapseMonitor:
             log.warning(
                 "interaction collapse: mean tool calls %.3f < %.3f for %d steps (step %d). "
                 "Consider reward.tool_bonus, reward.filters.require_tool_image=true or a lower learner.lr.",
-                tool_calls_mean, self.threshold, self.low_steps, step,
+                tool_calls_mean,
+                self.threshold,
+                self.low_steps,
+                step,
             )
             return True
         return False
@@ -113,8 +116,13 @@ class MetricsLogger:
             os.environ.setdefault("WANDB_DIR", str(run_dir))
             os.environ.setdefault("WANDB_SILENT", "true")
             return wandb.init(
-                project=cfg.logging.project, name=cfg.run.name, mode=mode, dir=str(run_dir),
-                config=cfg.model_dump(mode="json"), resume="allow", id=_wandb_id(run_dir),
+                project=cfg.logging.project,
+                name=cfg.run.name,
+                mode=mode,
+                dir=str(run_dir),
+                config=cfg.model_dump(mode="json"),
+                resume="allow",
+                id=_wandb_id(run_dir),
                 settings=wandb.Settings(console="off", x_disable_stats=True),
             )
         except Exception as e:  # logging must never take the run down
@@ -140,7 +148,11 @@ class MetricsLogger:
             if not ray.is_initialized():
                 return
             for k, v in rec.items():
-                if not isinstance(v, int | float) or isinstance(v, bool) or (isinstance(v, float) and math.isnan(v)):
+                if (
+                    not isinstance(v, int | float)
+                    or isinstance(v, bool)
+                    or (isinstance(v, float) and math.isnan(v))
+                ):
                     continue
                 name = "pyvision_" + "".join(c if c.isalnum() else "_" for c in k)
                 if name not in self._gauges:

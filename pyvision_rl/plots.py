@@ -9,7 +9,10 @@ from pyvision_rl.metrics import read_metrics
 PANELS = [
     ("accuracy", [("rollout/acc_mean", "rollout (sampled)"), ("eval/acc_mean", "held-out (greedy)")]),
     ("reward", [("rollout/reward_mean", "rollout reward"), ("train_batch/reward_mean", "trained groups")]),
-    ("tool calls per trajectory", [("rollout/tool_calls_mean", "mean"), ("rollout/tool_calls_zero_ratio", "share with 0")]),
+    (
+        "tool calls per trajectory",
+        [("rollout/tool_calls_mean", "mean"), ("rollout/tool_calls_zero_ratio", "share with 0")],
+    ),
 ]
 
 

@@ -19,7 +19,9 @@ from pyvision_rl.types import EndReason, Task, Trajectory, trajectory_from_dict
 log = logging.getLogger("pyvision_rl")
 
 
-def expert_trajectories(cfg: Config, model_path: str, tasks: list[Task], tool_fraction: float, seed: int) -> list[Trajectory]:
+def expert_trajectories(
+    cfg: Config, model_path: str, tasks: list[Task], tool_fraction: float, seed: int
+) -> list[Trajectory]:
     """Scripted expert trajectories (tool use for `tool_fraction` of tasks, direct answers otherwise)."""
     from pyvision_rl.agent.loop import AgentLoop, LocalSandboxClient
     from pyvision_rl.agent.scripted import ScriptedEngine
@@ -32,8 +34,14 @@ def expert_trajectories(cfg: Config, model_path: str, tasks: list[Task], tool_fr
     turns = {t.id: expert_turns(t, use_tool=rng.random() < tool_fraction) for t in tasks}
     engine = ScriptedEngine.from_turns(processor.tokenizer, turns)
     sandbox = make_sandbox(cfg.sandbox)
-    loop = AgentLoop(engine, LocalSandboxClient(sandbox), processor, cfg.rollout, feed_errors=True,
-                     max_live=cfg.sandbox.max_kernels)
+    loop = AgentLoop(
+        engine,
+        LocalSandboxClient(sandbox),
+        processor,
+        cfg.rollout,
+        feed_errors=True,
+        max_live=cfg.sandbox.max_kernels,
+    )
     try:
         trajs = loop.run([(t, f"sft-{t.id}") for t in tasks], version=0)
     finally:
@@ -41,14 +49,18 @@ def expert_trajectories(cfg: Config, model_path: str, tasks: list[Task], tool_fr
         sandbox.close()
     good = [t for t in trajs if t.end_reason == EndReason.DONE and t.vision_ok]
     if len(good) < len(trajs):
-        log.warning("%d of %d expert trajectories did not finish cleanly; dropped", len(trajs) - len(good), len(trajs))
+        log.warning(
+            "%d of %d expert trajectories did not finish cleanly; dropped", len(trajs) - len(good), len(trajs)
+        )
     return good
 
 
 def load_trajectory_jsonl(path: str | Path) -> list[Trajectory]:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"sft.data_path={p} does not exist (a trajectory JSONL, e.g. from `pyvision-rl eval`).")
+        raise ConfigError(
+            f"sft.data_path={p} does not exist (a trajectory JSONL, e.g. from `pyvision-rl eval`)."
+        )
     out = []
     for i, line in enumerate(p.read_text().splitlines(), 1):
         if not line.strip():
@@ -80,9 +92,13 @@ def run_sft(cfg: Config, model_path: str | None = None, out_dir: Path | None = N
     if not trajs:
         raise ConfigError("no SFT trajectories: check sft.data_path or the synthetic data settings.")
     if cfg.learner.world_size != 1:
-        log.warning("SFT runs in-process with world size 1 (learner.world_size=%d is used by RL)", cfg.learner.world_size)
-    learner_cfg = cfg.learner.model_copy(update={"lr": cfg.sft.lr, "micro_batch_size": cfg.sft.batch_size,
-                                                 "mini_batch_size": 0})
+        log.warning(
+            "SFT runs in-process with world size 1 (learner.world_size=%d is used by RL)",
+            cfg.learner.world_size,
+        )
+    learner_cfg = cfg.learner.model_copy(
+        update={"lr": cfg.sft.lr, "micro_batch_size": cfg.sft.batch_size, "mini_batch_size": 0}
+    )
     learner = PolicyLearner(model_path, learner_cfg, cfg.model, rank=0, world_size=1)
     rng = random.Random(cfg.run.seed)
     try:

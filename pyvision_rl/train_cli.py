@@ -8,7 +8,9 @@ import logging
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
 
 
 def _cfg(args):
@@ -76,7 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help=over)
     p.set_defaults(func=_sft)
 
-    p = sub.add_parser("demo", help="the embedded demo: tiny model, SFT cold start, RL, before/after table, plots")
+    p = sub.add_parser(
+        "demo", help="the embedded demo: tiny model, SFT cold start, RL, before/after table, plots"
+    )
     p.add_argument("config", nargs="?", default="configs/tiny_cpu.yaml")
     p.add_argument("overrides", nargs="*", help=over)
     p.set_defaults(func=_demo)

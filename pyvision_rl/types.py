@@ -116,7 +116,11 @@ def trajectory_from_dict(d: dict[str, Any]) -> Trajectory:
     d = dict(d)
     d["end_reason"] = EndReason(d["end_reason"])
     d["images"] = [
-        ImageRef(png=base64.b64decode(im["png_b64"]), grid_thw=tuple(im["grid_thw"]), source=im.get("source", "input"))
+        ImageRef(
+            png=base64.b64decode(im["png_b64"]),
+            grid_thw=tuple(im["grid_thw"]),
+            source=im.get("source", "input"),
+        )
         for im in d.get("images", [])
     ]
     known = set(Trajectory.__dataclass_fields__)

@@ -25,8 +25,13 @@ def test_shipped_set_includes_the_three_recipes():
 def test_overrides_typed_and_nested():
     cfg = load_config(
         "configs/tiny_cpu.yaml",
-        ["trainer.total_steps=3", "rollout.feed_errors=true", "learner.lr=1e-5", "run.name=x",
-         "reward.filters.allowed_end_reasons=[DONE]"],
+        [
+            "trainer.total_steps=3",
+            "rollout.feed_errors=true",
+            "learner.lr=1e-5",
+            "run.name=x",
+            "reward.filters.allowed_end_reasons=[DONE]",
+        ],
     )
     assert cfg.trainer.total_steps == 3
     assert cfg.rollout.feed_errors is True

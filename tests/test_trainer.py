@@ -23,17 +23,34 @@ from pyvision_rl.config import load_config
 from pyvision_rl.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "RAY_USAGE_STATS_ENABLED": "0",
-       "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+}
 
 
 def tiny_overrides(out: Path, model: Path, name: str = "t", steps: int = 2) -> list[str]:
     return [
-        f"run.output_dir={out}", f"run.name={name}", f"model.path={model}",
-        f"trainer.total_steps={steps}", "trainer.save_every=2", "trainer.eval_every=0",
-        "rollout.n=4", "rollout.gen_batch_size=4", "trainer.train_batch_size=2", "rollout.max_new_tokens=48",
-        "sandbox.backend=process", "sandbox.warm_kernels=2", "sandbox.timeout_s=5",
-        "data.synthetic.n_train=24", "data.synthetic.n_eval=4", "logging.wandb=disabled", "logging.progress=false",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        f"model.path={model}",
+        f"trainer.total_steps={steps}",
+        "trainer.save_every=2",
+        "trainer.eval_every=0",
+        "rollout.n=4",
+        "rollout.gen_batch_size=4",
+        "trainer.train_batch_size=2",
+        "rollout.max_new_tokens=48",
+        "sandbox.backend=process",
+        "sandbox.warm_kernels=2",
+        "sandbox.timeout_s=5",
+        "data.synthetic.n_train=24",
+        "data.synthetic.n_eval=4",
+        "logging.wandb=disabled",
+        "logging.progress=false",
         "ray.include_dashboard=false",
         # The random tiny model rarely produces a clean answer: keep every group so steps always fill.
         "reward.filters.drop_zero_std=false",
@@ -53,8 +70,11 @@ def ray_local():
 def test_full_tiny_run_metrics(tmp_path, tiny_model_dir, ray_local):
     from pyvision_rl.trainer import Trainer
 
-    cfg = load_config(REPO / "configs/tiny_cpu.yaml", tiny_overrides(tmp_path, tiny_model_dir, steps=2)
-                      + ["trainer.eval_every=2", "eval.max_tasks=4", "eval.max_turns=2"])
+    cfg = load_config(
+        REPO / "configs/tiny_cpu.yaml",
+        tiny_overrides(tmp_path, tiny_model_dir, steps=2)
+        + ["trainer.eval_every=2", "eval.max_tasks=4", "eval.max_turns=2"],
+    )
     tr = Trainer(cfg)
     try:
         last = tr.fit()
@@ -65,11 +85,26 @@ def test_full_tiny_run_metrics(tmp_path, tiny_model_dir, ray_local):
     baseline, rows = rows[0], rows[1:]
     assert baseline["eval/count"] == 4 and 0.0 <= baseline["eval/acc_mean"] <= 1.0  # held-out before RL
     expected = {
-        "rollout/reward_mean", "rollout/acc_mean", "rollout/tool_calls_mean", "rollout/tool_calls_min",
-        "rollout/tool_calls_max", "rollout/tool_calls_zero_ratio", "rollout/tool_images_mean",
-        "rollout/visual_tokens_mean", "chunks_used", "staleness_max", "time/rollout_and_reward", "time/train",
-        "time/sync", "time/step", "throughput/tokens_per_s", "throughput/trajectories_per_s",
-        "train/loss", "filter/groups_trained", "version", "eval/acc_mean",
+        "rollout/reward_mean",
+        "rollout/acc_mean",
+        "rollout/tool_calls_mean",
+        "rollout/tool_calls_min",
+        "rollout/tool_calls_max",
+        "rollout/tool_calls_zero_ratio",
+        "rollout/tool_images_mean",
+        "rollout/visual_tokens_mean",
+        "chunks_used",
+        "staleness_max",
+        "time/rollout_and_reward",
+        "time/train",
+        "time/sync",
+        "time/step",
+        "throughput/tokens_per_s",
+        "throughput/trajectories_per_s",
+        "train/loss",
+        "filter/groups_trained",
+        "version",
+        "eval/acc_mean",
     } | {f"rollout/end_reason/{r}" for r in ("DONE", "EXCEED_MAX_TURNS", "OVER_LENGTH", "ERROR_IN_ACTION")}
     for r in rows:
         missing = {k for k in expected - {"eval/acc_mean"} if k not in r}
@@ -77,8 +112,22 @@ def test_full_tiny_run_metrics(tmp_path, tiny_model_dir, ray_local):
         assert r["rollout/count"] == r["chunks_used"] * 4 * 4  # every rollout of every chunk is summarized
         assert r["filter/groups_trained"] == 2
         assert 0.0 <= r["rollout/acc_mean"] <= 1.0
-        assert abs(sum(r[f"rollout/end_reason/{x}"] for x in
-                       ("DONE", "EXCEED_MAX_TURNS", "OVER_LENGTH", "EXCEED_MAX_IMAGES", "ERROR_IN_ACTION")) - 1) < 1e-6
+        assert (
+            abs(
+                sum(
+                    r[f"rollout/end_reason/{x}"]
+                    for x in (
+                        "DONE",
+                        "EXCEED_MAX_TURNS",
+                        "OVER_LENGTH",
+                        "EXCEED_MAX_IMAGES",
+                        "ERROR_IN_ACTION",
+                    )
+                )
+                - 1
+            )
+            < 1e-6
+        )
         assert r["time/step"] >= r["time/train"] > 0 and r["throughput/tokens_per_s"] > 0
         assert r["rollout/visual_tokens_mean"] >= 16  # the input image alone is 16 tokens
         assert r["staleness_max"] == 0 and r["version"] == r["step"]
@@ -110,8 +159,14 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     subprocess.run(cmd + straight, env=env, check=True, cwd=REPO, capture_output=True, timeout=600)
 
     killed = tiny_overrides(tmp_path, tiny_model_dir, "killed", steps=4)
-    proc = subprocess.Popen(cmd + killed, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd + killed,
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     marker = tmp_path / "killed" / "checkpoints" / "step_2" / "COMPLETE"
     deadline = time.time() + 600
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -189,8 +244,14 @@ def test_killing_sandbox_kernels_mid_step_loses_no_group(tmp_path, tiny_model_di
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyvision_rl.cli", *args], env=ENV, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pyvision_rl.cli", *args],
+        env=ENV,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_bad_config_stops_with_the_key_named(tmp_path):
@@ -204,8 +265,13 @@ def test_bad_config_stops_with_the_key_named(tmp_path):
 def test_bad_data_stops_with_file_row_field(tmp_path, tiny_model_dir):
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"question": "q?", "answer": "1", "image_path": "nope.png"}) + "\n")
-    r = _cli("train", "configs/tiny_cpu.yaml", f"run.output_dir={tmp_path}", f"model.path={tiny_model_dir}",
-             f"data.train_path={data}")
+    r = _cli(
+        "train",
+        "configs/tiny_cpu.yaml",
+        f"run.output_dir={tmp_path}",
+        f"model.path={tiny_model_dir}",
+        f"data.train_path={data}",
+    )
     assert r.returncode == 2
     assert str(data) in r.stderr and "row 1" in r.stderr and "image" in r.stderr
     r = _cli("train", "configs/tiny_cpu.yaml", f"run.output_dir={tmp_path}", f"model.path={tmp_path}")
@@ -218,8 +284,10 @@ def test_one_step_off_rollouts_are_bounded(tmp_path, tiny_model_dir, ray_local):
     version later; nothing is ever more than one version stale."""
     from pyvision_rl.trainer import Trainer
 
-    cfg = load_config(REPO / "configs/tiny_cpu.yaml",
-                      tiny_overrides(tmp_path, tiny_model_dir, steps=3) + ["trainer.max_staleness=1"])
+    cfg = load_config(
+        REPO / "configs/tiny_cpu.yaml",
+        tiny_overrides(tmp_path, tiny_model_dir, steps=3) + ["trainer.max_staleness=1"],
+    )
     tr = Trainer(cfg)
     try:
         tr.fit()

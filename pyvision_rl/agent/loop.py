@@ -269,7 +269,10 @@ class AgentLoop:
         return out
 
     def _run_wave(
-        self, tasks_with_group_ids: Sequence[tuple[Task, str]], version: int, seed: int | None,
+        self,
+        tasks_with_group_ids: Sequence[tuple[Task, str]],
+        version: int,
+        seed: int | None,
         counters: dict[str, int],
     ) -> list[Trajectory]:
         t_start = time.perf_counter()

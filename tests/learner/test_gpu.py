@@ -47,16 +47,27 @@ def test_nccl_sync_makes_the_gpu_engine_match(tiny_model_dir, other_model_dir):
 
     ray.init(num_gpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
-        cfg = load_config(None, ["learner.num_gpus_per_rank=1", "sync.backend=nccl", "rollout.worker_num_gpus=1",
-                                 "sandbox.backend=process", "learner.world_size=1"])
+        cfg = load_config(
+            None,
+            [
+                "learner.num_gpus_per_rank=1",
+                "sync.backend=nccl",
+                "rollout.worker_num_gpus=1",
+                "sandbox.backend=process",
+                "learner.world_size=1",
+            ],
+        )
         group = LearnerGroup(tiny_model_dir, cfg)
         worker = RolloutWorker.options(num_gpus=1).remote(other_model_dir, cfg.model_dump(mode="json"), None)
         stats = group.sync_weights([worker], version=3)
         assert ray.get(worker.version.remote()) == 3 and stats
         mine = group.state_dict_for_sync()
         # The engine now serves exactly the learner's weights.
-        theirs = ray.get(worker.__ray_call__.remote(
-            lambda self: {k: v.float().cpu() for k, v in self.engine.model.state_dict().items()}))
+        theirs = ray.get(
+            worker.__ray_call__.remote(
+                lambda self: {k: v.float().cpu() for k, v in self.engine.model.state_dict().items()}
+            )
+        )
         for name, t in mine.items():
             assert torch.allclose(theirs[name], t.float().cpu(), atol=1e-2), name
         group.shutdown()
