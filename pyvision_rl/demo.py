@@ -31,18 +31,9 @@ def _with(cfg: Config, **updates: Any) -> Config:
 
 
 def _heldout(cfg: Config, model_dir: Path, tasks) -> dict[str, float]:
-    from pyvision_rl.evaluate import eval_report, run_agent
+    from pyvision_rl.evaluate import eval_report, run_eval
 
-    trajs = run_agent(
-        cfg,
-        model_dir,
-        tasks,
-        k=cfg.eval.k,
-        temperature=cfg.eval.temperature,
-        max_turns=cfg.eval.max_turns,
-        feed_errors=cfg.eval.feed_errors,
-        seed=cfg.run.seed,
-    )
+    trajs = run_eval(cfg, model_dir, tasks)
     o = eval_report(trajs, cfg.eval.k)["overall"]
     return {
         "acc": o[f"acc_avg@{cfg.eval.k}"],

@@ -72,6 +72,21 @@ def run_agent(
     return out
 
 
+def run_eval(cfg: Config, model_path: str | Path, tasks: list[Task]) -> list[Trajectory]:
+    """`run_agent` with the evaluation settings (`eval.k`, temperature, turn budget, feed_errors)."""
+    e = cfg.eval
+    return run_agent(
+        cfg,
+        model_path,
+        tasks,
+        k=e.k,
+        temperature=e.temperature,
+        max_turns=e.max_turns,
+        feed_errors=e.feed_errors,
+        seed=cfg.run.seed,
+    )
+
+
 def eval_report(trajs: list[Trajectory], k: int) -> dict[str, Any]:
     """avg@k accuracy overall and per data source, with tool-call statistics and end-reason shares."""
     by_src: dict[str, list[Trajectory]] = defaultdict(list)
@@ -112,16 +127,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, data: str, out: str | None
     tasks = load_tasks(data, skip_bad=cfg.data.skip_bad_rows)
     if cfg.eval.max_tasks:
         tasks = tasks[: cfg.eval.max_tasks]
-    trajs = run_agent(
-        cfg,
-        model_dir,
-        tasks,
-        k=cfg.eval.k,
-        temperature=cfg.eval.temperature,
-        max_turns=cfg.eval.max_turns,
-        feed_errors=cfg.eval.feed_errors,
-        seed=cfg.run.seed,
-    )
+    trajs = run_eval(cfg, model_dir, tasks)
     report = {"checkpoint": str(model_dir), "data": str(data), **eval_report(trajs, cfg.eval.k)}
     out_dir = Path(out) if out else Path(checkpoint) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
