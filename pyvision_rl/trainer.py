@@ -182,7 +182,6 @@ class Trainer:
         else:
             random.seed(cfg.run.seed)
             np.random.seed(cfg.run.seed)
-        self.policy_path = policy_path
         self._start_actors(policy_path)
         if self.resume_from is not None:
             self.learners.load(str(self.resume_from))
@@ -567,8 +566,6 @@ class Trainer:
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.ndarray):
         return o.tolist()
-    if isinstance(o, tuple):
-        return list(o)
     return str(o)
 
 
