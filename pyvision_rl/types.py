@@ -18,6 +18,8 @@ class EndReason(enum.StrEnum):
     OVER_LENGTH = "OVER_LENGTH"
     EXCEED_MAX_IMAGES = "EXCEED_MAX_IMAGES"
     ERROR_IN_ACTION = "ERROR_IN_ACTION"
+    # Ours, not the release's: the sandbox itself failed (not the model's code). Never trained on, counted.
+    SANDBOX_ERROR = "SANDBOX_ERROR"
 
 
 @dataclass
@@ -42,6 +44,8 @@ class ExecResult:
     error: str | None = None
     timed_out: bool = False
     duration_s: float = 0.0
+    # True when the failure is the sandbox's (kernel died, could not open, overload), not the code's.
+    sandbox_error: bool = False
 
     @property
     def ok(self) -> bool:
@@ -87,6 +91,8 @@ class Trajectory:
     version: int = 0
     visual_tokens: int = 0
     vision_ok: bool = True  # vision-token groups == image grids (checked by the agent loop)
+    advantage: float = 0.0  # full-group advantage set by the selection (rewards.filters.select_for_training)
+    group_std: float = 0.0  # the full group's unbiased reward std, set with `advantage`
     timings: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
