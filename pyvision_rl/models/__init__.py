@@ -1,6 +1,21 @@
-"""Models: the offline tiny Qwen-VL factory, checkpoint loading and the image/token processing helpers."""
+"""Models: the offline tiny Qwen-VL factory, checkpoint loading and the image/token processing helpers.
 
-from pyvision_rl.models.loading import ModelLoadError, load_policy, load_processor
-from pyvision_rl.models.tiny import make_tiny_model
+The names load lazily (PEP 562): importing `pyvision_rl.models.cli` for `pyvision-rl --help` must not
+pull in transformers and torch.
+"""
 
-__all__ = ["ModelLoadError", "load_policy", "load_processor", "make_tiny_model"]
+from importlib import import_module
+
+_WHERE = {
+    "ModelLoadError": "loading",
+    "load_policy": "loading",
+    "load_processor": "loading",
+    "make_tiny_model": "tiny",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(f"pyvision_rl.models.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'pyvision_rl.models' has no attribute {name!r}")
