@@ -17,6 +17,7 @@ _REGISTRARS = [
     "pyvision_rl.data.cli",
     "pyvision_rl.sandbox.cli",
     "pyvision_rl.train_cli",
+    "pyvision_rl.viewer",
 ]
 
 

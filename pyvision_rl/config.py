@@ -221,6 +221,16 @@ class LoggingConfig(_Section):
         "auto", description="'auto': online if WANDB_API_KEY is set, else offline."
     )
     project: str = Field("pyvision-rl", description="wandb project.")
+    rollouts_every: int = Field(
+        5,
+        description="Write the rollout viewer page <run>/rollouts/step_<k>.html (and a wandb Table) every k "
+        "steps, and one per eval (0: never). `pyvision-rl view RUN_DIR` serves them.",
+    )
+    rollouts_per_step: int = Field(
+        4,
+        description="Groups sampled per training page (accepted and filtered ones); an eval page shows "
+        "this many x rollout.n held-out trajectories.",
+    )
     progress: bool = Field(True, description="Progress bar with ETA.")
     collapse_threshold: float = Field(0.2, description="Warn when mean tool calls < this ...")
     collapse_patience: int = Field(3, description="... for this many consecutive steps.")
