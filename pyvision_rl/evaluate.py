@@ -18,6 +18,63 @@ from pyvision_rl.types import Task, Trajectory, trajectory_to_dict
 log = logging.getLogger("pyvision_rl")
 
 
+# What a checkpoint was trained with and evaluation must reuse: the prompt, the image resolution and the
+# turn/length budget. Saved with every run checkpoint; `pyvision-rl eval` defaults to them.
+TRAINED_WITH = (
+    "rollout.prompt_template",
+    "rollout.system_prompt",
+    "model.min_pixels",
+    "model.max_pixels",
+    "rollout.max_turns",
+    "rollout.max_new_tokens",
+    "rollout.max_total_len",
+    "eval.max_turns",
+)
+SETTINGS_FILE = "training_settings.json"
+
+
+def _get(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def training_settings(cfg: Config) -> dict[str, Any]:
+    """The `TRAINED_WITH` values of `cfg` (what `save_checkpoint` writes to training_settings.json)."""
+    return {k: _get(cfg, k) for k in TRAINED_WITH}
+
+
+def with_training_settings(cfg: Config, checkpoint: str | Path, explicit: set[str]) -> Config:
+    """`cfg` with the checkpoint's training settings for every key the user did not set (`explicit`:
+    dotted keys from --config and the overrides); a set key that differs is kept and warned about."""
+    p = Path(checkpoint)
+    found = next((c / SETTINGS_FILE for c in (p, p.parent) if (c / SETTINGS_FILE).is_file()), None)
+    if found is None:
+        log.info("%s: no %s (not a run checkpoint); using the given settings", p, SETTINGS_FILE)
+        return cfg
+    saved = json.loads(found.read_text())
+    tree = cfg.model_dump(mode="json")
+    for key, value in saved.items():
+        if key not in TRAINED_WITH or _get(cfg, key) == value:
+            continue
+        if key in explicit:
+            log.warning(
+                "%s=%r differs from the %r this checkpoint was trained with (%s): the model sees another "
+                "protocol than in training; drop the setting to evaluate what was trained",
+                key,
+                _get(cfg, key),
+                value,
+                found,
+            )
+            continue
+        section, leaf = key.split(".")
+        tree[section][leaf] = value
+    from pyvision_rl.config import config_from_dict
+
+    return config_from_dict(tree, f"{found} settings")
+
+
 def resolve_model_dir(checkpoint: str | Path) -> Path:
     """A HF model dir from either the dir itself or a run checkpoint (which holds model/)."""
     p = Path(checkpoint)
@@ -119,16 +176,25 @@ def write_trajectories(trajs: list[Trajectory], path: Path) -> None:
             f.write(json.dumps(trajectory_to_dict(t)) + "\n")
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint: str, data: str, out: str | None = None) -> dict[str, Any]:
-    """`pyvision-rl eval CKPT DATA`: avg@k with `eval.*` settings; writes eval.json + trajectories.jsonl."""
+def evaluate_checkpoint(
+    cfg: Config, checkpoint: str, data: str, out: str | None = None, explicit: set[str] = frozenset()
+) -> dict[str, Any]:
+    """`pyvision-rl eval CKPT DATA`: avg@k with `eval.*` settings and, for every key not in `explicit`,
+    the checkpoint's training settings; writes eval.json + trajectories.jsonl."""
     from pyvision_rl.data import load_tasks
 
     model_dir = resolve_model_dir(checkpoint)
+    cfg = with_training_settings(cfg, checkpoint, set(explicit))
     tasks = load_tasks(data, skip_bad=cfg.data.skip_bad_rows)
     if cfg.eval.max_tasks:
         tasks = tasks[: cfg.eval.max_tasks]
     trajs = run_eval(cfg, model_dir, tasks)
-    report = {"checkpoint": str(model_dir), "data": str(data), **eval_report(trajs, cfg.eval.k)}
+    report = {
+        "checkpoint": str(model_dir),
+        "data": str(data),
+        "settings": training_settings(cfg),
+        **eval_report(trajs, cfg.eval.k),
+    }
     out_dir = Path(out) if out else Path(checkpoint) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(report, indent=1))

@@ -32,13 +32,26 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     _setup_logging()
-    from pyvision_rl.config import load_config
+    import yaml
+
+    from pyvision_rl.config import load_config, parse_overrides
     from pyvision_rl.evaluate import evaluate_checkpoint
 
     cfg = load_config(args.config, args.overrides)
-    res = evaluate_checkpoint(cfg, args.checkpoint, args.data, out=args.out)
+    explicit = _dotted(parse_overrides(args.overrides))
+    if args.config:
+        explicit |= _dotted(yaml.safe_load(open(args.config)) or {})
+    res = evaluate_checkpoint(cfg, args.checkpoint, args.data, out=args.out, explicit=explicit)
     print(json.dumps(res, indent=1))
     return 0
+
+
+def _dotted(tree: dict, prefix: str = "") -> set[str]:
+    """Every leaf key of a config tree, dotted (`rollout.max_turns`)."""
+    out = set()
+    for k, v in tree.items():
+        out |= _dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
 
 
 def _sft(args) -> int:
@@ -68,7 +81,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="accuracy avg@k of a checkpoint on a dataset, per data source")
     p.add_argument("checkpoint", help="HF model directory (or a run checkpoint dir containing model/)")
     p.add_argument("data", help="tasks: PyVision JSON rows, JSONL or Parquet")
-    p.add_argument("--config", default=None, help="config for sampling/sandbox settings (default: built-in)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="config for sampling/sandbox settings (default: built-in; a run checkpoint's prompt, pixels "
+        "and turn budget are used unless set here)",
+    )
     p.add_argument("--out", default=None, help="where to write eval.json and trajectories.jsonl")
     p.add_argument("overrides", nargs="*", help=over)
     p.set_defaults(func=_eval)

@@ -30,6 +30,7 @@ import numpy as np
 
 from pyvision_rl.config import Config, ConfigError, dump_config
 from pyvision_rl.cursor import PromptCursor
+from pyvision_rl.evaluate import SETTINGS_FILE, training_settings
 from pyvision_rl.metrics import CollapseMonitor, MetricsLogger, summarize_rollouts
 from pyvision_rl.types import Task
 
@@ -526,6 +527,8 @@ class Trainer:
             "events": self.events,
         }
         (ck / "trainer_state.json").write_text(json.dumps(state, default=_json_default))
+        # What the policy was trained with (prompt, pixels, turns): `pyvision-rl eval` defaults to it.
+        (ck / SETTINGS_FILE).write_text(json.dumps(training_settings(self.cfg), indent=1))
         shutil.copy(self.logger.path, ck / "metrics.jsonl")
         (ck / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
         self._prune_checkpoints()
