@@ -10,7 +10,9 @@ Two row shapes are accepted (DESIGN.md §3), per row, in any of the three file f
 - Plain rows: `question`, `answer`, `image_path` or `video_path` (a string or a list), optional
   `data_source`, `id` and `extra` (a dict kept on the Task).
 
-Relative media paths resolve against the data file's directory. Embedded image bytes are written once to
+Relative media paths resolve against the data file's directory, or `media_root` (the released data's
+image root; `strip_prefix` re-roots absolute paths written on another machine). Embedded image bytes are
+written once to
 `<data file>.media/` (content-addressed) so that a Task always holds file paths.
 """
 
@@ -95,9 +97,17 @@ class _BadJSON:
 class _RowParser:
     """Turns one raw row into a Task, raising DataError with file/row/field on the first problem."""
 
-    def __init__(self, path: Path, media_dir: Path | None, check_media: bool) -> None:
+    def __init__(
+        self,
+        path: Path,
+        media_dir: Path | None,
+        check_media: bool,
+        media_root: Path | None = None,
+        strip_prefix: str = "",
+    ) -> None:
         self.path = path
-        self.base = path.parent
+        self.base = media_root or path.parent
+        self.strip_prefix = strip_prefix
         self.media_dir = media_dir or path.with_name(path.name + ".media")
         self.check_media = check_media
         self.row = 0
@@ -139,6 +149,8 @@ class _RowParser:
             return self._write_bytes(item, field)
         if not isinstance(item, str) or not item:
             raise self.error(field, f"expected a {kind} path, got {type(item).__name__}")
+        if self.strip_prefix and item.startswith(self.strip_prefix):
+            item = item[len(self.strip_prefix) :].lstrip("/")
         p = Path(item).expanduser()
         return p if p.is_absolute() else self.base / p
 
@@ -314,6 +326,8 @@ def load_tasks(
     stats: dict | None = None,
     media_dir: str | Path | None = None,
     check_media: bool = True,
+    media_root: str | Path | None = None,
+    strip_prefix: str = "",
 ) -> list[Task]:
     """Load every row of a JSONL / JSON / Parquet file as a `Task` (see the module doc for the row shapes).
 
@@ -321,11 +335,19 @@ def load_tasks(
     file, row and field. With `skip_bad=True` bad rows are skipped instead and counted in `stats`
     (`stats["loaded"]`, `stats["skipped"]`, `stats["reasons"]` {field: count}, `stats["errors"]` the first
     20 messages). `check_media=False` skips opening every image/video (faster for huge sets).
+    `media_root`: resolve relative media paths against it instead of the file's directory; `strip_prefix`:
+    a media path starting with it loses it and resolves against `media_root` too.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, None, "data file not found", "check data.train_path / data.eval_path")
-    parser = _RowParser(path, Path(media_dir) if media_dir else None, check_media)
+    parser = _RowParser(
+        path,
+        Path(media_dir) if media_dir else None,
+        check_media,
+        Path(media_root) if media_root else None,
+        strip_prefix,
+    )
     stats = stats if stats is not None else {}
     stats.setdefault("skipped", 0)
     stats.setdefault("reasons", {})
