@@ -1,8 +1,10 @@
 """RewardService: scores trajectory lists that live in the object store and returns refs to survivors.
 
 The driver hands over ObjectRefs (wrapped in a list so Ray does not resolve them on the driver); the
-service fetches them itself, scores, filters and puts each surviving group back as its own object. Only
-small things go back to the driver: (group_id, std, ref) triples, per-trajectory summaries, drop counts.
+service fetches them itself, scores (judged sources through the LLM judge, `reward.judge`), sets each
+trajectory's full-group advantage, applies the filters, and puts each surviving trajectory back as its own
+object (the driver's ranking may split a group). Only small things go back to the driver: survivor
+(index, group_std, ref) triples, per-trajectory summaries, drop and judge counts.
 """
 
 from __future__ import annotations
@@ -13,20 +15,22 @@ from typing import Any
 import ray
 
 from pyvision_rl.config import RewardConfig
-from pyvision_rl.rewards.pipeline import score_and_filter
+from pyvision_rl.rewards.pipeline import score_and_select
 from pyvision_rl.types import Trajectory
 
 log = logging.getLogger("pyvision_rl.reward")
 
+JUDGE_ACTOR_NAME = "pyvision-rl-judge"  # one in-cluster judge shared by every RewardService of a job
+
 
 @ray.remote
 class RewardService:
-    """Ray actor wrapping `rewards.pipeline.score_and_filter`.
+    """Ray actor wrapping `rewards.pipeline.score_and_select`.
 
     `reward_cfg` is `cfg.reward` as a dict (or a RewardConfig); `group_size` is rollout.n (groups smaller
     than it, e.g. after a partial rollout, are still scored and counted in `incomplete_groups`).
-    `judge`: an optional verifier (e.g. `LLMJudgeVerifier`) registered as kind `llm_judge` when
-    `reward.llm_judge` is on.
+    `judge`: an object with `judge_many` (tests); by default it is built from `reward.judge`: an HTTP
+    client, or a handle on the job's JudgeActor (started by the first service that needs it).
     """
 
     def __init__(self, reward_cfg: dict | RewardConfig, group_size: int = 0, judge: Any = None) -> None:
@@ -34,10 +38,22 @@ class RewardService:
             reward_cfg if isinstance(reward_cfg, RewardConfig) else RewardConfig.model_validate(reward_cfg)
         )
         self.group_size = group_size
-        if judge is not None and self.cfg.llm_judge:
-            from pyvision_rl.rewards.verifiers import register_verifier
+        self.judge = judge if judge is not None else self._start_judge()
 
-            register_verifier("llm_judge", judge)
+    def _start_judge(self) -> Any:
+        jc = self.cfg.judge
+        if jc.backend == "http":
+            from pyvision_rl.rewards.judge import HTTPJudge
+
+            return HTTPJudge(jc)
+        if jc.backend == "engine":
+            from pyvision_rl.actors.judge import JudgeActor, RemoteJudge
+
+            actor = JudgeActor.options(
+                name=JUDGE_ACTOR_NAME, get_if_exists=True, num_cpus=0, num_gpus=jc.num_gpus
+            ).remote(jc.model_dump(mode="json"))
+            return RemoteJudge(actor, jc.timeout_s * (jc.retries + 1) + 60)
+        return None
 
     def ping(self) -> bool:
         return True
@@ -45,7 +61,8 @@ class RewardService:
     def score(self, refs: list) -> dict[str, Any]:
         """Score the trajectory lists behind `refs` (all members of a group must be in this call).
 
-        Returns `{"accepted": [(group_id, std, ref)], "summaries": [dict], "drops": {reason: n},
+        Returns `{"accepted": [(index into summaries, group_std, ref to [traj])] for every survivor,
+        "summaries": [dict], "drops": {reason: n}, "judge": {"judged", "judge_failures"},
         "incomplete_groups": int, "failed": [indices of refs that could not be fetched], "error": str}`.
         A failed rollout (its worker died or raised) is reported in `failed` rather than raised, so the
         driver can re-queue exactly that sub-batch.
@@ -68,8 +85,8 @@ class RewardService:
                 "failed": failed,
                 "error": "; ".join(errors)[:2000],
             }
-        batch = score_and_filter(trajs, self.cfg)
-        accepted = [(g[0].group_id, std, ray.put(g)) for g, std in zip(batch.groups, batch.stds, strict=True)]
+        batch = score_and_select(trajs, self.cfg, self.judge)
+        accepted = [(i, trajs[i].group_std, ray.put([trajs[i]])) for i in batch.survivors]
         sizes: dict[str, int] = {}
         for s in batch.summaries:
             sizes[s["group_id"]] = sizes.get(s["group_id"], 0) + 1
@@ -78,6 +95,7 @@ class RewardService:
             "accepted": accepted,
             "summaries": batch.summaries,
             "drops": batch.drops,
+            "judge": batch.judge,
             "incomplete_groups": incomplete,
             "failed": [],
             "error": "",
@@ -87,10 +105,8 @@ class RewardService:
         """Score (no filtering) the trajectories behind `refs` and return only their summaries: how the
         driver measures held-out accuracy without pulling trajectories through itself."""
         from pyvision_rl.metrics import trajectory_summary
-        from pyvision_rl.rewards.tool_reward import score_trajectory
+        from pyvision_rl.rewards.tool_reward import score_batch
 
-        out = []
-        for ref in refs:
-            for t in ray.get(ref):
-                out.append(trajectory_summary(score_trajectory(t, self.cfg)))
-        return out
+        trajs = [t for ref in refs for t in ray.get(ref)]
+        score_batch(trajs, self.cfg, self.judge)
+        return [trajectory_summary(t) for t in trajs]

@@ -1,22 +1,24 @@
 """The PyVision-RL text protocol: prompts, action parsing, observations, and their token ids.
 
-Byte-compatible with the released PyVision-RL models (`/work/shared/pyvision-protocol/README.md`):
+Byte-compatible with the released PyVision-RL models (README.md, "Fidelity to PyVision-RL"):
 
 - Initial prompt: the Qwen2.5-VL chat template applied to ONE user message. Because the first message is
   not a system message, that template inserts its default system block
   (`<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n`), so the release's prompts carry it;
   `render_prompt` does the same (pass `system_prompt=None` to leave it out). Every `<image>` in the user
   text becomes `<image_clue_k><|vision_start|><|image_pad|>*n<|vision_end|></image_clue_k>`.
-- Observations after a code turn (the release renders them through the chat template and strips the
-  system block, hence the leading `"\\n"`):
-  text only  `"\\n<|im_start|>user\\n<tool_response>\\n<interpreter>\\nText Result:\\n{stdout}</interpreter>\\n\\n"
-              "</tool_response><|im_end|>\\n<|im_start|>assistant\\n"`;
-  figures    the content parts `"<tool_response>\\n<interpreter>"`, `"Text Result:\\n{stdout}\\n"` (only when
-              there is text), `"Image Result:\\n"`, per figure `"<image_clue_k>"`, image, `"</image_clue_k>"`,
-              then `"</interpreter>\\n\\n</tool_response>"`, concatenated by the chat template with no
-              separator (so `<interpreter>Text Result:` has no newline between them, as in the release);
-  errors     `"\\n<|im_start|>user\\n<tool_response>\\n<interpreter>\\nError: {message}</interpreter>\\n\\n"
-              "</tool_response><|im_end|>\\n<|im_start|>assistant\\n"`.
+- Observations after a code turn, byte-equal to the release's tools (`render_observation`; the release
+  renders the figure form through the chat template and strips the system block, hence the leading
+  `"\\n"`). Image tool (PyVision-Image), `{out}` the stripped stdout:
+    no figure  `"\\n<|im_start|>user\\n<tool_response>\\n<interpreter>\\nText Result:\\n{out}</interpreter>\\n\\n"
+                "</tool_response><|im_end|>\\n<|im_start|>assistant\\n"`;
+    figures    `"<tool_response>\\n<interpreter>"`, `"Text Result:\\n{out}\\n"` (also when `out` is empty),
+                `"Image Result:\\n"`, per figure `"<image_clue_k>"`, image, `"</image_clue_k>"`, then
+                `"</interpreter>\\n\\n</tool_response>"`, concatenated with no separator, in the same user turn.
+  Video tool (PyVision-Video): no figure `"...<interpreter>\\nText Result:\\n{out}\\n</interpreter>..."`;
+  figures as the image tool but `"\\nText Result:\\n{out}\\n"`.
+  Errors (`render_error_observation`): `"...<interpreter>Error: {format message}</interpreter>..."` for a turn
+  with neither code nor answer, `"...<interpreter>Execution error: {error}</interpreter>..."` otherwise.
   stdout is stripped of surrounding whitespace, as the release's interpreter does.
 
 Token ids are produced by tokenizing the whole rendered string (images already expanded to their
@@ -30,6 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -206,35 +209,40 @@ def render_prompt(
     return system + "<|im_start|>user\n" + "".join(out) + "<|im_end|>\n<|im_start|>assistant\n"
 
 
-def render_text_observation(stdout: str) -> str:
-    """Observation of a successful execution that showed no figure."""
-    text = neutralize_special_spellings(stdout.strip())
-    return (
-        "\n<|im_start|>user\n<tool_response>\n<interpreter>\nText Result:\n"
-        f"{text}</interpreter>\n\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
-    )
+_OBS_HEAD = "\n<|im_start|>user\n"
+_OBS_TAIL = "<|im_end|>\n<|im_start|>assistant\n"
 
 
-def render_image_observation(stdout: str, image_tokens: list[int], first_index: int) -> str:
-    """Observation of a successful execution that showed figures; the k-th is `image_clue_{first_index+k}`."""
-    text = neutralize_special_spellings(stdout.strip())
-    parts = ["<tool_response>\n<interpreter>"]
-    if text:
-        parts.append(f"Text Result:\n{text}\n")
-    parts.append("Image Result:\n")
+def render_observation(
+    stdout: str, image_tokens: Sequence[int] = (), first_index: int = 0, kind: str = "image"
+) -> str:
+    """Observation of a successful execution, byte-equal to the release's image (`kind="image"`) or video
+    (`kind="video"`) tool. `image_tokens[k]` is the k-th figure's `<|image_pad|>` count; it is shown as
+    `image_clue_{first_index + k}`. stdout is stripped, as the release's interpreter does."""
+    if kind not in ("image", "video"):
+        raise ValueError(f"observation kind must be 'image' or 'video', got {kind!r}")
+    out = neutralize_special_spellings(stdout.strip())
+    if not image_tokens:
+        sep = "\n" if kind == "video" else ""
+        body = f"<tool_response>\n<interpreter>\nText Result:\n{out}{sep}</interpreter>\n\n</tool_response>"
+        return _OBS_HEAD + body + _OBS_TAIL
+    lead = "\n" if kind == "video" else ""
+    parts = ["<tool_response>\n<interpreter>", f"{lead}Text Result:\n{out}\n", "Image Result:\n"]
     for k, n in enumerate(image_tokens):
         idx = first_index + k
         parts.append(f"<image_clue_{idx}>{vision_block(n)}</image_clue_{idx}>")
     parts.append("</interpreter>\n\n</tool_response>")
-    return "\n<|im_start|>user\n" + "".join(parts) + "<|im_end|>\n<|im_start|>assistant\n"
+    return _OBS_HEAD + "".join(parts) + _OBS_TAIL
 
 
 def render_error_observation(message: str) -> str:
-    """Observation for a Python error, a timeout, or a turn with neither code nor answer."""
+    """Observation fed back after a failed turn, as the release writes it: `Error: ` + the format message
+    for a turn with neither code nor answer (`FORMAT_ERROR_MESSAGE`), `Execution error: ` + the message for
+    a Python error or a timeout."""
     text = neutralize_special_spellings(message.strip())
+    label = "Error: " if message == FORMAT_ERROR_MESSAGE else "Execution error: "
     return (
-        "\n<|im_start|>user\n<tool_response>\n<interpreter>\nError: "
-        f"{text}</interpreter>\n\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+        f"{_OBS_HEAD}<tool_response>\n<interpreter>{label}{text}</interpreter>\n\n</tool_response>{_OBS_TAIL}"
     )
 
 
@@ -278,12 +286,14 @@ class ChatTokens:
         return self.encode(render_prompt(user_text, image_tokens, system_prompt))
 
     def observation_ids(
-        self, stdout: str, image_tokens: list[int] | None = None, first_index: int = 0
+        self,
+        stdout: str,
+        image_tokens: Sequence[int] | None = None,
+        first_index: int = 0,
+        kind: str = "image",
     ) -> list[int]:
-        """Token ids of a successful execution's observation (text-only form when no figure)."""
-        if image_tokens:
-            return self.encode(render_image_observation(stdout, image_tokens, first_index))
-        return self.encode(render_text_observation(stdout))
+        """Token ids of a successful execution's observation (see `render_observation`)."""
+        return self.encode(render_observation(stdout, image_tokens or (), first_index, kind))
 
     def error_ids(self, message: str) -> list[int]:
         """Token ids of an error observation."""

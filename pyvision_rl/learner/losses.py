@@ -16,34 +16,37 @@ def _as_tensor(x, dtype=torch.float32) -> torch.Tensor:
 
 
 def group_advantages(
-    rewards: Sequence[float] | torch.Tensor, group_ids: Sequence, std_norm: bool = False, eps: float = 1e-6
-) -> torch.Tensor:
-    """Advantage of each trajectory: its reward minus its group's mean (optionally over the group's std).
+    rewards: Sequence[float] | torch.Tensor,
+    group_ids: Sequence | torch.Tensor,
+    std_norm: bool = False,
+    eps: float = 1e-6,
+    return_std: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """GRPO advantage of each trajectory, as the release computes it: reward minus its group's mean.
 
-    `group_ids` can be any hashables. A group of one gets 0. With `std_norm`, the (unbiased) std of the
-    group is used, as GRPO does; an all-equal group gets 0, not a division by zero. Non-finite rewards
-    count as 0.
+    `group_ids`: a list, numpy array or tensor of ids (hashables; tensor/array elements compare by value).
+    With `std_norm`, divided by the group's unbiased std + `eps` (GRPO; off: Dr.GRPO, the paper's setting).
+    A group of one has mean 0 and std 1, as in the release (`compute_grpo_outcome_advantage`), so its
+    advantage is its reward. Non-finite rewards count as 0. `return_std=True` also returns each
+    trajectory's group std (unbiased), the number the selection ranks groups by.
     """
     r = _as_tensor(rewards)
     r = torch.where(torch.isfinite(r), r, torch.zeros_like(r))
-    if len(group_ids) != r.numel():
-        raise ValueError(f"group_advantages: {r.numel()} rewards but {len(group_ids)} group ids")
+    ids = group_ids.tolist() if hasattr(group_ids, "tolist") else list(group_ids)
+    if len(ids) != r.numel():
+        raise ValueError(f"group_advantages: {r.numel()} rewards but {len(ids)} group ids")
     index: dict = {}
-    gidx = torch.tensor([index.setdefault(g, len(index)) for g in group_ids], dtype=torch.long)
+    gidx = torch.tensor([index.setdefault(g, len(index)) for g in ids], dtype=torch.long)
     n_groups = len(index)
     counts = torch.zeros(n_groups).index_add_(0, gidx, torch.ones_like(r))
-    sums = torch.zeros(n_groups).index_add_(0, gidx, r)
-    mean = sums / counts.clamp(min=1)
+    mean = torch.zeros(n_groups).index_add_(0, gidx, r) / counts.clamp(min=1)
+    mean = torch.where(counts > 1, mean, torch.zeros_like(mean))
+    sq = torch.zeros(n_groups).index_add_(0, gidx, (r - mean[gidx]) ** 2)
+    std = torch.where(counts > 1, torch.sqrt(sq / (counts - 1).clamp(min=1)), torch.ones_like(mean))
     adv = r - mean[gidx]
     if std_norm:
-        sq = torch.zeros(n_groups).index_add_(0, gidx, (r - mean[gidx]) ** 2)
-        std = torch.sqrt(sq / (counts - 1).clamp(min=1))
         adv = adv / (std[gidx] + eps)
-    return torch.where(counts[gidx] > 1, adv, torch.zeros_like(adv))
-
-
-def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum()
+    return (adv, std[gidx]) if return_std else adv
 
 
 def masked_mean(
@@ -110,16 +113,3 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(policy || reference): exp(ref - logp) - (ref - logp) - 1, clamped to ±10."""
     d = (ref_logp - logp).clamp(-20.0, 20.0)
     return (torch.exp(d) - d - 1).clamp(-10.0, 10.0)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy of the categorical given by `logits` [..., V] (nats)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def sft_loss(
-    logp: torch.Tensor, mask: torch.Tensor, denom: float | torch.Tensor | None = None
-) -> torch.Tensor:
-    """Cross-entropy on model tokens: -Σ logp·mask / denom (token-mean by default)."""
-    return masked_mean(-logp, mask.to(logp.dtype), denom)

@@ -1,11 +1,12 @@
-"""Verifiers, the accumulative tool reward, the oversampling filters and the group-std ranking."""
+"""Verifiers, the LLM judge, the accumulative tool reward, and the oversample -> filter -> rank selection."""
 
-from pyvision_rl.rewards.filters import DROP_REASONS, filter_groups, group_by_id, group_std, rank_by_group_std
-from pyvision_rl.rewards.tool_reward import accumulative_tool_reward, score_trajectory
+from pyvision_rl.rewards.filters import DROP_REASONS, select_for_training
+from pyvision_rl.rewards.judge import EngineJudge, HTTPJudge, parse_judgement
+from pyvision_rl.rewards.tool_reward import accumulative_tool_reward, score_batch, score_trajectory
 from pyvision_rl.rewards.verifiers import (
     DATA_SOURCE_KINDS,
+    JUDGE,
     VERIFIERS,
-    LLMJudgeVerifier,
     extract_answer,
     register_verifier,
     verifier_for,
@@ -15,16 +16,17 @@ from pyvision_rl.rewards.verifiers import (
 __all__ = [
     "DATA_SOURCE_KINDS",
     "DROP_REASONS",
-    "LLMJudgeVerifier",
+    "JUDGE",
     "VERIFIERS",
+    "EngineJudge",
+    "HTTPJudge",
     "accumulative_tool_reward",
     "extract_answer",
-    "filter_groups",
-    "group_by_id",
-    "group_std",
-    "rank_by_group_std",
+    "parse_judgement",
     "register_verifier",
+    "score_batch",
     "score_trajectory",
+    "select_for_training",
     "verifier_for",
     "verify",
 ]

@@ -1,13 +1,24 @@
 """Answer verifiers: the full response goes in, a score in [0, 1] comes out.
 
-`verify(response, ground_truth, kind)` extracts the model's final answer itself (the content of the LAST
-`<answer>\\n\\boxed{...}\\n</answer>`, nested braces intact; a bare `\\boxed{}` as a fallback) and returns 0
-for a malformed or missing answer. Which verifier applies to a row is decided by its `data_source` through
-`DATA_SOURCE_KINDS` / `verifier_for`; users add their own with `register_verifier`.
+`verify(response, ground_truth, kind)` extracts the model's final answer itself and returns 0 for a
+malformed or missing answer. Two answer formats (`reward.answer_format`):
+- `strict` (default, the release's `multi_task_verifier`): the answer is `<answer>\\n\\boxed{...}\\n</answer>`
+  exactly (regex `<answer>\\n\\\\boxed\\{(.*?)\\}\\n</answer>`), and the score is 0 when the response's
+  `<|vision_start|><|image_pad|>` and `<|image_pad|><|vision_end|>` counts differ, when `<answer>` and
+  `</answer>` counts differ after the last `</interpreter>`, when the answer contains `<interpreter>`,
+  `<answer>` or `\\boxed`, or when it has 1000 characters or more. We take the LAST such block (the
+  release takes the first, which can be an `<answer>` a program printed in an observation).
+- `lenient` (for evaluating other models): the last balanced `\\boxed{}` of the last `<answer>` block, else
+  the last one anywhere; no zero rules.
+
+Which verifier applies to a row is decided by its `data_source` through `DATA_SOURCE_KINDS` /
+`verifier_for` (every source the release names is there; `*_rule_verifiable` goes to MRA); users add their
+own with `register_verifier` or `reward.verifiers`. Kind `judge` (the LLM judge, `rewards.judge`) is not a
+function here: `rewards.tool_reward.score_batch` batches those answers to the judge.
 
 A verifier function has the signature of DESIGN §3: `fn(answer, ground_truth, extra) -> float`, where
-`answer` is the extracted boxed content and `extra` the row's `Task.extra` (options for multiple choice, a
-numeric tolerance, ...). Verifiers are pure and fast; the LLM judge is the one exception and is off by default.
+`answer` is the extracted boxed content and `extra` the trajectory's extra (a copy of `Task.extra`: options
+for multiple choice, a numeric tolerance, the question...). Verifiers are pure and fast.
 """
 
 from __future__ import annotations
@@ -48,20 +59,48 @@ def _boxed_contents(text: str) -> list[str]:
         start = j
 
 
-def extract_answer(response: str) -> str | None:
-    """The final answer of a response: the boxed content of the last `<answer>` block.
-
-    Falls back to the last balanced `\\boxed{}` anywhere when there is no `<answer>` block with one
-    (older prompts, other models). None when nothing can be extracted.
-    """
-    if not response:
-        return None
+def _lenient_answer(response: str) -> str | None:
     for block in reversed(_ANSWER_BLOCK.findall(response)):
         boxed = _boxed_contents(block)
         if boxed:
             return boxed[-1].strip()
     boxed = _boxed_contents(response)
     return boxed[-1].strip() if boxed else None
+
+
+_STRICT_ANSWER = re.compile(r"<answer>\n\\boxed\{(.*?)\}\n</answer>", re.DOTALL)
+MAX_ANSWER_CHARS = 1000  # the release zeroes answers this long (judge hacking)
+
+
+def strict_answer(response: str) -> str | None:
+    """The answer under the release's strict format and zero rules, or None when they give a 0."""
+    if response.count("<|vision_start|><|image_pad|>") != response.count("<|image_pad|><|vision_end|>"):
+        return None  # a vision block was cut
+    tail = response.split("</interpreter>")[-1]
+    if tail.count("<answer>") != tail.count("</answer>"):
+        return None
+    found = _STRICT_ANSWER.findall(response)
+    if not found:
+        return None
+    answer = found[-1].strip()
+    if any(s in answer for s in ("<interpreter>", "<answer>", "\\boxed")) or len(answer) >= MAX_ANSWER_CHARS:
+        return None
+    return answer
+
+
+def extract_answer(response: str, answer_format: str = "strict") -> str | None:
+    """The final answer of a response under `answer_format` ("strict" | "lenient"); None when there is none.
+
+    strict: the release's format and zero rules (module docstring). lenient: the boxed content of the last
+    `<answer>` block (nested braces intact), falling back to the last balanced `\\boxed{}` anywhere.
+    """
+    if not response:
+        return None
+    if answer_format == "strict":
+        return strict_answer(response)
+    if answer_format == "lenient":
+        return _lenient_answer(response)
+    raise ValueError(f"reward.answer_format must be 'strict' or 'lenient', got {answer_format!r}")
 
 
 # ----------------------------------------------------------------------------------------- normalisation
@@ -160,12 +199,14 @@ def verify_mcq(answer: str, ground_truth: str, extra: Mapping[str, Any]) -> floa
 
 
 def verify_numeric(answer: str, ground_truth: str, extra: Mapping[str, Any]) -> float:
-    """Numbers equal within `extra['rel_tol']` (default 1e-4) or `extra['abs_tol']` (default 1e-6)."""
+    """Numbers equal within `extra['rel_tol']` (default 1e-4) or `extra['abs_tol']` (alias `tolerance`,
+    default 1e-6)."""
     a, g = parse_number(answer), parse_number(ground_truth)
     if a is None or g is None:
         return 0.0
-    rel = float(extra.get("rel_tol", 1e-4)) if extra else 1e-4
-    abs_ = float(extra.get("abs_tol", 1e-6)) if extra else 1e-6
+    extra = extra or {}
+    rel = float(extra.get("rel_tol", 1e-4))
+    abs_ = float(extra.get("abs_tol", extra.get("tolerance", 1e-6)))
     return float(math.isclose(a, g, rel_tol=rel, abs_tol=abs_))
 
 
@@ -175,7 +216,9 @@ MRA_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.50, 0.5
 def verify_mra(answer: str, ground_truth: str, extra: Mapping[str, Any]) -> float:
     """Mean relative accuracy (VSI-Bench): mean over θ in 0.50..0.95 of 1{|a - g| / |g| < 1 - θ}.
 
-    Scored on the boxed answer only. A zero ground truth counts only an exact zero as right.
+    Scored on the boxed answer only (the release's `compute_score_rule_mra` takes the first number anywhere in
+    the response, e.g. a "5" the code printed, a bug we do not copy). A zero ground truth counts only an exact
+    zero as right. A score >= 0.5 counts as right for the tool bonus (`is_right`).
     """
     a, g = parse_number(answer), parse_number(ground_truth)
     if a is None or g is None:
@@ -230,16 +273,44 @@ VERIFIERS: dict[str, VerifierFn] = {
     "string": verify_string,
 }
 
-# data_source -> verifier kind. Names as they appear in PyVision-RL / verl-style rows (lower-cased).
+JUDGE = "judge"  # the LLM judge (rewards.judge), batched by rewards.tool_reward.score_batch
+MRA_RIGHT = 0.5  # an MRA score this high counts as right for the tool bonus (the release's is_answer_right)
+
+# data_source -> verifier kind (lower-cased names).
 DATA_SOURCE_KINDS: dict[str, str] = {
+    # The release's sources (verl `_default_compute_score`): judged by an LLM ...
+    **dict.fromkeys(
+        [
+            "vstar",
+            "vl_agent",
+            "chart",
+            "zebra_cot",
+            "vigorl",
+            "deepeyes",
+            "math_8k_verified",
+            "barc",
+            "wemath-standard",
+            "wemath-pro",
+            "minio3",
+            "vsi",
+            "longvila",
+            "ecd",
+            "v-interaction",
+            "mathvision",
+            "hrbench-4k",
+            "hrbench-8k",
+        ],
+        JUDGE,
+    ),
+    # ... or by mean relative accuracy (also every `*_rule_verifiable` source, see verifier_for).
+    "vsi_numerical": "mra",
     # ours (pyvision_rl.data synthetic tasks)
     "synthetic_count": "numeric",
     "synthetic_color_count": "numeric",
     "synthetic_small_objects": "numeric",
     "synthetic_video_frame": "numeric",
     "synthetic_video_event": "numeric",
-    # image: fine-grained perception (multiple choice)
-    "vstar": "mcq",
+    # ours, rule-verified benchmarks the release does not train on (evaluation of other models)
     "vstar_bench": "mcq",
     "hrbench": "mcq",
     "hrbench_4k": "mcq",
@@ -247,13 +318,9 @@ DATA_SOURCE_KINDS: dict[str, str] = {
     "mme_realworld": "mcq",
     "mmvp": "mcq",
     "blink": "mcq",
-    "deepeyes": "string",
-    "chart": "string",
     "chartqa": "string",
-    # image: math and reasoning
     "mathvista": "math",
     "mathverse": "math",
-    "mathvision": "math",
     "wemath": "mcq",
     "geo3k": "math",
     "geoqa": "math",
@@ -261,7 +328,6 @@ DATA_SOURCE_KINDS: dict[str, str] = {
     "thinklite_vl": "math",
     "dynamath": "math",
     "logicvista": "mcq",
-    # video / spatial
     "vsi_bench_numeric": "mra",
     "vsi_bench_mra": "mra",
     "vsi_bench_mcq": "mcq",
@@ -285,85 +351,52 @@ def register_verifier(name: str, fn: VerifierFn, data_sources: Sequence[str] = (
         DATA_SOURCE_KINDS[ds.lower()] = name
 
 
-def verifier_for(data_source: str, default: str = "string") -> str:
-    """The verifier kind for a data_source (case-insensitive), or `default` when it is not registered."""
-    kind = DATA_SOURCE_KINDS.get((data_source or "").lower(), default)
-    if kind not in VERIFIERS:
+def verifier_for(data_source: str, default: str = JUDGE, overrides: Mapping[str, str] | None = None) -> str:
+    """The verifier kind for a data_source (case-insensitive): `overrides` (reward.verifiers), then the
+    registry, then `*_rule_verifiable` -> MRA, then `default` (the release judges unknown sources)."""
+    ds = (data_source or "").lower()
+    kind = (overrides or {}).get(ds) or DATA_SOURCE_KINDS.get(ds)
+    if kind is None:
+        kind = "mra" if ds.endswith("_rule_verifiable") else default
+    if kind not in VERIFIERS and kind != JUDGE:
         raise KeyError(
             f"verifier kind '{kind}' (data_source '{data_source}') is not registered; known kinds: "
-            f"{sorted(VERIFIERS)}. Set reward.default_verifier or call register_verifier()."
+            f"{sorted([*VERIFIERS, JUDGE])}. Set reward.default_verifier / reward.verifiers or call register_verifier()."
         )
     return kind
 
 
-def verify(response: str, ground_truth: str, kind: str, extra: Mapping[str, Any] | None = None) -> float:
+def is_right(kind: str, acc: float) -> bool:
+    """Whether a score counts as a right answer (the tool bonus's condition): MRA >= 0.5, else acc == 1."""
+    return acc >= (MRA_RIGHT if kind == "mra" else 1.0 - 1e-9)
+
+
+def verify(
+    response: str,
+    ground_truth: str,
+    kind: str,
+    extra: Mapping[str, Any] | None = None,
+    answer_format: str = "strict",
+) -> float:
     """Score a full model response against the ground truth with verifier `kind`.
 
-    The boxed answer of the last `<answer>` block is extracted here; a missing or malformed answer scores 0.
-    `extra` is the row's `Task.extra` (e.g. `options` for multiple choice). The result is clamped to [0, 1]
-    and a NaN becomes 0, so a buggy custom verifier cannot poison a batch.
+    The answer is extracted here under `answer_format` (strict: the release's format and zero rules); a
+    missing or malformed answer scores 0. `extra` is the trajectory's extra (e.g. `options` for multiple
+    choice). The result is clamped to [0, 1] and a NaN becomes 0, so a buggy custom verifier cannot poison
+    a batch. Kind `judge` needs a judge: use `rewards.tool_reward.score_batch`.
     """
+    if kind == JUDGE:
+        raise ValueError(
+            "kind 'judge' is scored by rewards.tool_reward.score_batch with a judge (reward.judge)"
+        )
     if kind not in VERIFIERS:
         raise KeyError(
             f"unknown verifier kind '{kind}'; known: {sorted(VERIFIERS)} (register_verifier adds one)"
         )
-    answer = extract_answer(response)
+    answer = extract_answer(response, answer_format)
     if answer is None or answer == "":
         return 0.0
     score = float(VERIFIERS[kind](answer, str(ground_truth), extra or {}))
     if not math.isfinite(score):
         return 0.0
     return min(1.0, max(0.0, score))
-
-
-# ----------------------------------------------------------------------------------------- LLM judge
-
-JUDGE_PROMPT = (
-    "You are grading an answer to a question. Reply with exactly one word: CORRECT or INCORRECT.\n\n"
-    "Question: {question}\nReference answer: {ground_truth}\nModel answer: {answer}\n\nVerdict:"
-)
-
-
-class LLMJudgeVerifier:
-    """Asks a generation engine whether an answer matches the reference (off by default: reward.llm_judge).
-
-    `engine` is any object with `generate(requests, sampling)` (a GenerationEngine, or a Ray actor handle
-    whose `generate.remote` is then used). `make_request(prompt_text)` builds one request for that engine
-    (token ids + no images, with the judge model's tokenizer); `read_output(output)` returns its text.
-    Register an instance with `register_verifier("llm_judge", judge)`; it has the verifier signature.
-    """
-
-    def __init__(
-        self,
-        engine: Any,
-        make_request: Callable[[str], Any],
-        read_output: Callable[[Any], str],
-        sampling: Any = None,
-        prompt: str = JUDGE_PROMPT,
-    ) -> None:
-        self.engine = engine
-        self.make_request = make_request
-        self.read_output = read_output
-        self.sampling = sampling if sampling is not None else {"temperature": 0.0, "max_new_tokens": 8}
-        self.prompt = prompt
-
-    def judge_many(self, items: Sequence[tuple[str, str, str]]) -> list[float]:
-        """Score (question, answer, ground_truth) triples in one batched generate call."""
-        requests = [
-            self.make_request(self.prompt.format(question=q, answer=a, ground_truth=g)) for q, a, g in items
-        ]
-        gen = self.engine.generate
-        if hasattr(gen, "remote"):
-            import ray
-
-            outputs = ray.get(gen.remote(requests, self.sampling))
-        else:
-            outputs = gen(requests, self.sampling)
-        scores = []
-        for out in outputs:
-            text = self.read_output(out).strip().upper()
-            scores.append(float(text.startswith("CORRECT")))
-        return scores
-
-    def __call__(self, answer: str, ground_truth: str, extra: Mapping[str, Any]) -> float:
-        return self.judge_many([(str(extra.get("question", "")), answer, ground_truth)])[0]

@@ -2,26 +2,39 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from pyvision_rl.learner.losses import entropy_from_logits, group_advantages, kl_k3, policy_loss, sft_loss
+from pyvision_rl.learner.losses import group_advantages, kl_k3, policy_loss
 
 
 def test_group_advantages_by_hand():
     r = [1.0, 0.0, 1.3, 0.5, 0.5, 2.0]
     g = ["a", "a", "a", "b", "b", "c"]
-    adv = group_advantages(r, g)
-    # group a mean = 2.3/3; group b ties -> 0; lone c -> 0
+    adv, std = group_advantages(r, g, return_std=True)
+    # group a mean = 2.3/3; group b ties -> 0; a lone c has mean 0 and std 1 as in the release -> its reward
     m = 2.3 / 3
-    assert adv.tolist() == pytest.approx([1 - m, -m, 1.3 - m, 0.0, 0.0, 0.0], abs=1e-6)
+    assert adv.tolist() == pytest.approx([1 - m, -m, 1.3 - m, 0.0, 0.0, 2.0], abs=1e-6)
+    sa = math.sqrt(((1 - m) ** 2 + m**2 + (1.3 - m) ** 2) / 2)  # unbiased
+    assert std.tolist() == pytest.approx([sa, sa, sa, 0.0, 0.0, 1.0], rel=1e-5)
     adv_n = group_advantages(r, g, std_norm=True)
-    std = math.sqrt(((1 - m) ** 2 + m**2 + (1.3 - m) ** 2) / 2)  # unbiased
-    assert adv_n[:3].tolist() == pytest.approx([(1 - m) / std, -m / std, (1.3 - m) / std], rel=1e-4)
-    assert adv_n[3:].tolist() == [0.0, 0.0, 0.0]
+    assert adv_n[:3].tolist() == pytest.approx([(1 - m) / sa, -m / sa, (1.3 - m) / sa], rel=1e-4)
+    assert adv_n[3:].tolist() == pytest.approx([0.0, 0.0, 2.0 / (1 + 1e-6)])
     assert group_advantages([float("nan"), 1.0], [0, 0]).tolist() == pytest.approx([-0.5, 0.5])
     with pytest.raises(ValueError, match="group ids"):
         group_advantages([1.0], [0, 1])
+
+
+def test_group_ids_as_tensor_array_or_list_agree():
+    """A tensor of ids used to make every 0-d tensor its own group (all advantages 0, silently)."""
+    r = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    ids = [0, 0, 1, 1, 2, 2]
+    want = group_advantages(r, ids).tolist()
+    assert want == pytest.approx([0.5, -0.5, -0.5, 0.5, 0.0, 0.0])
+    assert group_advantages(torch.tensor(r), torch.tensor(ids)).tolist() == pytest.approx(want)
+    assert group_advantages(np.array(r), np.array(ids)).tolist() == pytest.approx(want)
+    assert group_advantages(r, np.array(["a", "a", "b", "b", "c", "c"])).tolist() == pytest.approx(want)
 
 
 def test_policy_loss_by_hand():
@@ -67,9 +80,7 @@ def test_global_denominator_and_token_advantages():
     assert loss.item() == pytest.approx(-(1 + 2 + 3) / 6)
 
 
-def test_kl_entropy_sft():
+def test_kl_k3():
     assert kl_k3(torch.tensor([0.0]), torch.tensor([0.0])).item() == 0.0
     d = math.log(2.0)  # ref - logp
     assert kl_k3(torch.tensor([0.0]), torch.tensor([d])).item() == pytest.approx(2 - d - 1)
-    assert entropy_from_logits(torch.zeros(4)).item() == pytest.approx(math.log(4))
-    assert sft_loss(torch.tensor([[-1.0, -3.0]]), torch.tensor([[1, 0]])).item() == pytest.approx(1.0)
