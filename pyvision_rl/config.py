@@ -160,27 +160,60 @@ class SandboxConfig(_Section):
 
 
 class FilterConfig(_Section):
-    drop_zero_std: bool = Field(True, description="Drop groups whose rewards all tie.")
+    """The release's filters, applied in this order (rewards.filters.select_for_training)."""
+
+    drop_zero_std: bool = Field(True, description="Drop groups whose rewards all tie (a group of one is kept).")
     require_tool_image: bool = Field(
         True, description="Drop trajectories where no tool call returned an image."
     )
-    drop_overlength: bool = Field(True, description="Drop OVER_LENGTH trajectories.")
     drop_vision_mismatch: bool = Field(
         True, description="Drop trajectories whose vision tokens != image grids."
     )
     allowed_end_reasons: list[str] = Field(
         default_factory=lambda: ["DONE", "EXCEED_MAX_TURNS", "ERROR_IN_ACTION"],
-        description="Keep only these end reasons.",
+        description="Keep only these end reasons (SANDBOX_ERROR is never kept).",
     )
 
 
+class JudgeConfig(_Section):
+    """The LLM judge for judged data sources (rewards.judge)."""
+
+    backend: Literal["none", "http", "engine"] = Field(
+        "none",
+        description="'http': an OpenAI-compatible endpoint (e.g. a vLLM server); 'engine': an in-cluster "
+        "judge actor on a generation engine; 'none': judged sources are an error.",
+    )
+    base_url: str = Field("", description="http: the API root, e.g. http://judge:8000/v1.")
+    model: str = Field(
+        "", description="http: the served model name; engine: the judge checkpoint directory."
+    )
+    api_key_env: str = Field("", description="http: env var holding the API key (empty: no key).")
+    engine: Literal["hf", "vllm"] = Field("hf", description="engine: HF transformers (CPU) or vLLM (GPU).")
+    num_gpus: float = Field(0.0, description="engine: GPUs for the judge actor.")
+    temperature: float = Field(0.3, description="Judge sampling temperature (release: 0.3).")
+    max_tokens: int = Field(32, description="Judge reply length cap.")
+    timeout_s: float = Field(120.0, description="Per-request (http) / per-batch (engine) timeout.")
+    retries: int = Field(3, description="Retries per request after a failure or an unreadable reply.")
+    concurrency: int = Field(16, description="http: requests in flight at once.")
+
+
 class RewardConfig(_Section):
-    tool_bonus: float = Field(0.1, description="c in R = R_acc + c * n_tool * 1{R_acc=1}.")
+    tool_bonus: float = Field(0.1, description="c in R = R_acc + c * n_tool * 1{right answer}.")
     tool_bonus_cap: int = Field(0, description="Cap on n_tool in the bonus (0: no cap; max_turns bounds it).")
-    default_verifier: str = Field("string", description="Verifier kind for data_sources not in the registry.")
+    answer_format: Literal["strict", "lenient"] = Field(
+        "strict",
+        description="strict: the release's answer format and zero rules; lenient: any boxed answer "
+        "(evaluating other models).",
+    )
+    default_verifier: str = Field(
+        "judge", description="Verifier kind for data_sources not in the registry (release: the judge)."
+    )
+    verifiers: dict[str, str] = Field(
+        default_factory=dict, description="data_source -> verifier kind, overriding the registry."
+    )
     num_services: int = Field(1, description="RewardService actors.")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="Oversampling filters.")
-    llm_judge: bool = Field(False, description="Enable the LLM-judge verifier (needs a judge engine).")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The LLM judge.")
 
 
 class LearnerConfig(_Section):
@@ -238,11 +271,15 @@ class LoggingConfig(_Section):
 
 class TrainerConfig(_Section):
     total_steps: int = Field(20, description="RL steps.")
-    train_batch_size: int = Field(8, description="Prompts per step (x rollout.n trajectories).")
-    max_chunks_per_step: int = Field(
-        8, description="Oversampling chunks before a step is declared underfull."
+    train_batch_size: int = Field(
+        8, description="Prompts per step: a step trains on train_batch_size x rollout.n trajectories."
     )
-    on_underfull: Literal["train", "stop"] = Field("train", description="Train on what there is, or stop.")
+    max_chunks_per_step: int = Field(
+        0, description="Oversampling chunks before a step is declared underfull (0: no cap, the release's)."
+    )
+    on_underfull: Literal["train", "stop"] = Field(
+        "stop", description="At the chunk cap: stop with an error (the release) or train on what survived."
+    )
     max_staleness: int = Field(0, description="0: strictly on-policy (paper); 1: one-step-off rollouts.")
     save_every: int = Field(10, description="Checkpoint every k steps (and at the end).")
     keep_checkpoints: int = Field(2, description="Checkpoints kept on disk.")

@@ -7,8 +7,9 @@ One step:
      RewardService scores the current one;
   2. the RewardService verifies, adds the tool bonus, filters, and returns one ref per surviving group
      with its reward std;
-  3. once `trainer.train_batch_size` groups survived (or `max_chunks_per_step` chunks were used), the
-     groups are ranked by std and the top ones go to the learner, which trains and syncs weights.
+  3. once `trainer.train_batch_size x rollout.n` trajectories survived (or `max_chunks_per_step` chunks were
+     used, if set), `rewards.filters.select_for_training` keeps those with the largest group std (groups may
+     split, as in the release) and they go to the learner, which trains and syncs weights.
 A dead RolloutWorker/SandboxPool/RewardService is restarted by Ray (max_restarts) and the sub-batches
 it held are re-queued with the same seed; each such event is logged and counted.
 """
@@ -143,9 +144,10 @@ class _SubBatch:
 
 @dataclass
 class _StepState:
-    accepted: list[tuple[str, float, Any]] = field(default_factory=list)  # (group_id, std, ref)
+    accepted: list[tuple[int, float, Any]] = field(default_factory=list)  # (summary index, group std, ref)
     summaries: list[dict[str, Any]] = field(default_factory=list)
     drops: dict[str, int] = field(default_factory=dict)
+    judge: dict[str, int] = field(default_factory=dict)  # judged answers and judge failures
     chunks: int = 0
     t_rollout_wait: float = 0.0
 
@@ -260,7 +262,7 @@ class Trainer:
         sb.score_ref = svc.score.remote([sb.ref])
 
     def _collect_step(self) -> _StepState:
-        """Roll out and score chunks until `train_batch_size` groups survive (or the chunk budget is spent).
+        """Roll out and score chunks until `train_batch_size x n` trajectories survive (or the chunk cap hits).
 
         Sub-batches still in flight at the end are carried into the next step when
         `trainer.max_staleness >= 1` (they were sampled with the current weights and are trained one
@@ -268,7 +270,8 @@ class Trainer:
         import ray
 
         cfg = self.cfg
-        need = cfg.trainer.train_batch_size
+        need = cfg.trainer.train_batch_size * cfg.rollout.n
+        cap = cfg.trainer.max_chunks_per_step
         st = _StepState()
         pending: deque[_SubBatch] = deque(sb for sb in self._carry if sb.ref is None)
         inflight = [sb for sb in self._carry if sb.ref is not None]
@@ -281,7 +284,7 @@ class Trainer:
             enough = len(st.accepted) >= need
             if (
                 not enough
-                and new_chunks < cfg.trainer.max_chunks_per_step
+                and (cap <= 0 or new_chunks < cap)
                 and not pending
                 and len(inflight) < max_inflight
             ):
@@ -330,8 +333,11 @@ class Trainer:
                 pending.appendleft(sb)
                 continue
             consumed.add(sb.chunk)
-            st.accepted.extend(res["accepted"])
+            base = len(st.summaries)
+            st.accepted.extend((base + i, std, ref) for i, std, ref in res["accepted"])
             st.summaries.extend(res["summaries"])
+            for k, v in res.get("judge", {}).items():
+                st.judge[k] = st.judge.get(k, 0) + v
             for k, v in res["drops"].items():
                 st.drops[k] = st.drops.get(k, 0) + v
         leftover = inflight + list(pending)
@@ -434,23 +440,32 @@ class Trainer:
         cfg = self.cfg
         t_step = time.perf_counter()
         st = self._collect_step()
-        need = cfg.trainer.train_batch_size
+        need = cfg.trainer.train_batch_size * cfg.rollout.n
         underfull = len(st.accepted) < need
         if underfull:
             msg = (
-                f"step {self.step + 1}: only {len(st.accepted)} of {need} groups survived the filters in "
-                f"{st.chunks} chunks (trainer.max_chunks_per_step={cfg.trainer.max_chunks_per_step}); drops: {st.drops}."
+                f"step {self.step + 1}: only {len(st.accepted)} of {need} trajectories (trainer.train_batch_size "
+                f"x rollout.n) survived the filters in {st.chunks} chunks (trainer.max_chunks_per_step="
+                f"{cfg.trainer.max_chunks_per_step}); drops: {st.drops}."
             )
             if cfg.trainer.on_underfull == "stop" or not st.accepted:
                 raise RuntimeError(
                     msg
-                    + " Raise trainer.max_chunks_per_step, relax reward.filters, or set trainer.on_underfull=train."
+                    + " Raise trainer.max_chunks_per_step (0: no cap), relax reward.filters, or set "
+                    "trainer.on_underfull=train."
                 )
             log.warning(msg + " Training on what there is.")
-        ranked = sorted(st.accepted, key=lambda a: (-a[1], a[0]))[:need]
+        # The same selection the RewardService ran per batch, now over the step's pool, with the step's size.
+        from pyvision_rl.rewards.filters import select_for_training
+
+        refs = {i: ref for i, _, ref in st.accepted}
+        ranked = [i for i, _ in select_for_training(st.summaries, need, cfg.reward.filters)]
+        if any(i not in refs for i in ranked):
+            raise RuntimeError("the driver's selection kept a trajectory the RewardService dropped (a bug)")
+        trained = [st.summaries[i] for i in ranked]
         self._prefetch()
         t0 = time.perf_counter()
-        train_metrics = self.learners.train_step([ref for _, _, ref in ranked])
+        train_metrics = self.learners.train_step([refs[i] for i in ranked])
         t_train = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.version += 1
@@ -460,16 +475,13 @@ class Trainer:
         t_total = time.perf_counter() - t_step
         m: dict[str, Any] = {"version": self.version}
         m.update(summarize_rollouts(st.summaries))
-        trained_ids = {gid for gid, _, _ in ranked}
-        m.update(
-            summarize_rollouts(
-                [s for s in st.summaries if s["group_id"] in trained_ids], prefix="train_batch/"
-            )
-        )
+        m.update(summarize_rollouts(trained, prefix="train_batch/"))
         m.update({f"train/{k}": v for k, v in train_metrics.items()})
         m.update({f"filter/dropped_{k}": v for k, v in st.drops.items()})
-        m["filter/groups_accepted"] = len(st.accepted)
-        m["filter/groups_trained"] = len(ranked)
+        m.update({f"reward/{k}": v for k, v in st.judge.items()})
+        m["filter/trajectories_accepted"] = len(st.accepted)
+        m["filter/trajectories_trained"] = len(ranked)
+        m["filter/groups_trained"] = len({s["group_id"] for s in trained})
         m["filter/underfull"] = int(underfull)
         m["chunks_used"] = st.chunks
         stale = [self.version - 1 - s["version"] for s in st.summaries]
@@ -490,7 +502,7 @@ class Trainer:
             t0 = time.perf_counter()
             m.update(self.evaluate_with_workers())
             m["time/eval"] = time.perf_counter() - t0
-        m["trained_tasks"] = sorted({s["task_id"] for s in st.summaries if s["group_id"] in trained_ids})
+        m["trained_tasks"] = sorted({s["task_id"] for s in trained})
         m["cursor"] = self.resume_point()[0]
         self.logger.log(self.step, m)
         return m

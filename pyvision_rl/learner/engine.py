@@ -1,6 +1,7 @@
 """PolicyLearner: one data-parallel rank of the GRPO learner on DeepSpeed ZeRO (no Ray inside).
 
-Each rank holds whole groups (the advantage baseline is per group) and trains on them; the loss is an exact
+Each rank trains on its share of the selected trajectories with the advantages the selection set on them
+(`Trajectory.advantage`, computed over the full group before filtering); the loss is an exact
 token-mean over all ranks' model tokens of a mini-batch: every micro-batch loss is Σ l·mask divided by the
 global token count, times world_size (DeepSpeed averages gradients over ranks). Ranks agree on the number of
 mini-batches and of micro-batches per mini-batch (padding with zero-weight batches) so ZeRO's collectives
@@ -24,7 +25,7 @@ import torch.distributed as dist
 
 from pyvision_rl.config import LearnerConfig, ModelConfig
 from pyvision_rl.learner.batching import MicroBatch, chunk, make_micro_batches, needed_micro_batches
-from pyvision_rl.learner.losses import group_advantages, kl_k3, masked_mean, policy_loss
+from pyvision_rl.learner.losses import kl_k3, masked_mean, policy_loss
 from pyvision_rl.types import Trajectory
 
 log = logging.getLogger("pyvision_rl.learner")
@@ -257,15 +258,18 @@ class PolicyLearner:
 
     # ------------------------------------------------------------------ steps
     def train_step(self, trajs: Sequence[Trajectory] | Sequence[Sequence[Trajectory]]) -> dict[str, float]:
-        """PPO on this rank's trajectories (whole groups). Every rank must call it (collectives).
+        """PPO on this rank's trajectories (`Trajectory.advantage` set). Every rank must call it (collectives).
 
         Returns metrics averaged over ranks: loss, pg_loss, clip_frac, dual_clip_frac, approx_kl, entropy,
         kl_ref, grad_norm, tokens, trajectories, adv_abs_mean, rollout_logp_abs_diff, lr, time_s.
         """
         t0 = time.perf_counter()
         flat = [t for x in trajs for t in (x if isinstance(x, (list, tuple)) else [x])]
-        adv = group_advantages(
-            [t.reward for t in flat], [t.group_id for t in flat], std_norm=self.cfg.std_norm
+        # The selection's full-group advantages (rewards.filters.select_for_training), never recomputed over
+        # the survivors; std_norm divides by the full group's std as the release does.
+        adv = torch.tensor(
+            [t.advantage / (t.group_std + 1e-6) if self.cfg.std_norm else t.advantage for t in flat],
+            dtype=torch.float32,
         )
         plan = self._plan(flat, adv)
         if not plan:
