@@ -1,4 +1,5 @@
-"""Run logging: a metrics JSONL per run, wandb, Ray custom metrics, and the interaction-collapse monitor.
+"""Run logging: a metrics JSONL per run, wandb (scalars and rollout tables), a sink for the driver's Ray
+gauges, and the interaction-collapse monitor.
 
 The driver never sees trajectories, only small per-trajectory summaries (`TrajSummary` dicts made by the
 RewardService); `summarize_rollouts` turns a step's summaries into the logged rollout metrics.
@@ -11,6 +12,7 @@ import logging
 import math
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +91,15 @@ class CollapseMonitor:
 
 
 class MetricsLogger:
-    """Appends one JSON line per step to <run>/metrics.jsonl and mirrors it to wandb and Ray metrics."""
+    """Appends one JSON line per step to <run>/metrics.jsonl and mirrors it to wandb and to `sink`."""
 
-    def __init__(self, run_dir: Path, cfg: Any, resume_step: int = 0):
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: Any,
+        resume_step: int = 0,
+        sink: Callable[[dict[str, Any]], None] | None = None,
+    ):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step and self.path.exists():  # drop lines past the checkpoint we resumed from
@@ -101,7 +109,7 @@ class MetricsLogger:
         elif not resume_step and self.path.exists():
             self.path.unlink()
         self._wandb = self._init_wandb(run_dir, cfg)
-        self._gauges: dict[str, Any] = {}
+        self._sink = sink  # e.g. the driver's Ray gauges (Ray stays out of this module)
 
     @staticmethod
     def _init_wandb(run_dir: Path, cfg: Any):
@@ -138,28 +146,30 @@ class MetricsLogger:
                 self._wandb.log({k: v for k, v in rec.items() if isinstance(v, int | float)}, step=step)
             except Exception as e:
                 log.warning("wandb log failed: %s", e)
-        self._ray_metrics(rec)
+        if self._sink is not None:
+            try:
+                self._sink(rec)
+            except Exception as e:
+                log.debug("metrics sink: %s", e)
 
-    def _ray_metrics(self, rec: dict[str, Any]) -> None:
+    def log_rollouts(self, step: int, rows: list[dict[str, Any]], key: str = "rollouts") -> None:
+        """The viewer's sample as a wandb Table (`viewer.table_rows`), the input image as a wandb Image."""
+        if self._wandb is None or not rows:
+            return
         try:
-            import ray
-            from ray.util.metrics import Gauge
+            import io
 
-            if not ray.is_initialized():
-                return
-            for k, v in rec.items():
-                if (
-                    not isinstance(v, int | float)
-                    or isinstance(v, bool)
-                    or (isinstance(v, float) and math.isnan(v))
-                ):
-                    continue
-                name = "pyvision_" + "".join(c if c.isalnum() else "_" for c in k)
-                if name not in self._gauges:
-                    self._gauges[name] = Gauge(name, description=f"pyvision-rl {k}")
-                self._gauges[name].set(float(v))
-        except Exception as e:
-            log.debug("ray metrics: %s", e)
+            import wandb
+            from PIL import Image
+
+            cols = list(rows[0])
+            data = [
+                [wandb.Image(Image.open(io.BytesIO(r[c]))) if c == "image" and r[c] else r[c] for c in cols]
+                for r in rows
+            ]
+            self._wandb.log({key: wandb.Table(columns=cols, data=data)}, step=step)
+        except Exception as e:  # logging must never take the run down
+            log.warning("wandb rollout table failed: %s", e)
 
     def close(self) -> None:
         if self._wandb is not None:

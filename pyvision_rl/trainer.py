@@ -188,7 +188,7 @@ class Trainer:
         self._start_actors(policy_path)
         if self.resume_from is not None:
             self.learners.load(str(self.resume_from))
-        self.logger = MetricsLogger(self.run_dir, cfg, resume_step=self.step)
+        self.logger = MetricsLogger(self.run_dir, cfg, resume_step=self.step, sink=RayGauges(cfg.run.name))
 
     # ------------------------------------------------------------------ actors
     def _start_actors(self, policy_path: str) -> None:
@@ -614,6 +614,28 @@ def check_resources(cfg: Config) -> None:
         )
     if problems:
         raise ConfigError("the actors need " + "; ".join(problems) + ". Lower those settings or add nodes.")
+
+
+class RayGauges:
+    """Every numeric metric of a step as a Ray gauge `pyvision_<key>` tagged with the run name; Ray's
+    Prometheus endpoint exports it as `ray_pyvision_<key>` (dashboard: cluster/grafana/)."""
+
+    def __init__(self, run: str):
+        self.run, self.gauges = run, {}
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        import ray
+        from ray.util.metrics import Gauge
+
+        if not ray.is_initialized():
+            return
+        for k, v in rec.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or v != v:  # v != v: NaN
+                continue
+            name = "pyvision_" + "".join(c if c.isalnum() else "_" for c in k)
+            if name not in self.gauges:
+                self.gauges[name] = Gauge(name, description=f"pyvision-rl {k}", tag_keys=("run",))
+            self.gauges[name].set(float(v), tags={"run": self.run})
 
 
 def init_ray(cfg: Config) -> None:
