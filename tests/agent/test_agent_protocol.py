@@ -18,9 +18,8 @@ from pyvision_rl.agent.protocol import (
     extract_boxed,
     parse_action,
     render_error_observation,
-    render_image_observation,
+    render_observation,
     render_prompt,
-    render_text_observation,
 )
 
 RELEASE = Path("/work/shared/pyvision-protocol/rl_system_prompt_template.json")
@@ -110,42 +109,71 @@ def test_prompt_bytes_and_ids_match_the_release_chat_template_path(processor):
 # ---------------------------------------------------------------- observations
 
 
+HEAD, TAIL = (
+    "\n<|im_start|>user\n<tool_response>\n",
+    "\n\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
+)
+
+
 def test_text_and_error_observations_are_the_release_strings():
-    assert render_text_observation("  42\n") == (
-        "\n<|im_start|>user\n<tool_response>\n<interpreter>\nText Result:\n42</interpreter>\n\n</tool_response>"
-        "<|im_end|>\n<|im_start|>assistant\n"
+    # the release's image tool (safe_persis_python_exe_tool_w_image_hint) and video tool (..._wo_video_hint)
+    assert render_observation("  42\n") == HEAD + "<interpreter>\nText Result:\n42</interpreter>" + TAIL
+    assert render_observation("") == HEAD + "<interpreter>\nText Result:\n</interpreter>" + TAIL
+    assert (
+        render_observation(" 42 ", kind="video")
+        == HEAD + "<interpreter>\nText Result:\n42\n</interpreter>" + TAIL
+    )
+    assert (
+        render_observation("", kind="video") == HEAD + "<interpreter>\nText Result:\n\n</interpreter>" + TAIL
     )
     assert render_error_observation(FORMAT_ERROR_MESSAGE) == (
-        "\n<|im_start|>user\n<tool_response>\n<interpreter>\nError: No Python code or final answer found. "
-        "There is something wrong with the format.</interpreter>\n\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+        HEAD + "<interpreter>Error: No Python code or final answer found. "
+        "There is something wrong with the format.</interpreter>" + TAIL
+    )
+    assert render_error_observation("NameError: name 'x' is not defined") == (
+        HEAD + "<interpreter>Execution error: NameError: name 'x' is not defined</interpreter>" + TAIL
+    )
+    with pytest.raises(ValueError, match="kind"):
+        render_observation("x", kind="audio")
+
+
+def _release_figure_observation(tok, stdout: str, kind: str) -> str:
+    """The release's figure observation: content parts through apply_chat_template, system block stripped."""
+    out = stdout.strip()  # the release's interpreter strips stdout, and always writes the text part
+    lead = "\n" if kind == "video" else ""
+    content = [
+        {"type": "text", "text": "<tool_response>\n<interpreter>"},
+        {"type": "text", "text": f"{lead}Text Result:\n{out}\n"},
+        {"type": "text", "text": "Image Result:\n"},
+    ]
+    for k in (1, 2):
+        content += [
+            {"type": "text", "text": f"<image_clue_{k}>"},
+            {"type": "image"},
+            {"type": "text", "text": f"</image_clue_{k}>"},
+        ]
+    content.append({"type": "text", "text": "</interpreter>\n\n</tool_response>"})
+    s = tok.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+    s = re.sub(r"<\|im_start\|>system.*?<\|im_end\|>", "", s, flags=re.S)
+    return s.replace("<|image_pad|>", "<|image_pad|>" * 4, 1).replace(
+        "<|vision_start|><|image_pad|><|vision_end|>",
+        "<|vision_start|>" + "<|image_pad|>" * 9 + "<|vision_end|>",
     )
 
 
 def test_figure_observation_equals_release_chat_rendering(processor):
-    """The release renders figure observations with apply_chat_template and strips the system block."""
     tok = processor.tokenizer
-    for stdout in ("3 squares\n", ""):
-        content = [{"type": "text", "text": "<tool_response>\n<interpreter>"}]
-        if stdout.strip():
-            content.append({"type": "text", "text": f"Text Result:\n{stdout.strip()}\n"})
-        content.append({"type": "text", "text": "Image Result:\n"})
-        for k in (1, 2):
-            content += [
-                {"type": "text", "text": f"<image_clue_{k}>"},
-                {"type": "image"},
-                {"type": "text", "text": f"</image_clue_{k}>"},
-            ]
-        content.append({"type": "text", "text": "</interpreter>\n\n</tool_response>"})
-        s = tok.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-        )
-        s = re.sub(r"<\|im_start\|>system.*?<\|im_end\|>", "", s, flags=re.S)
-        s = s.replace("<|image_pad|>", "<|image_pad|>" * 4, 1).replace(
-            "<|vision_start|><|image_pad|><|vision_end|>",
-            "<|vision_start|>" + "<|image_pad|>" * 9 + "<|vision_end|>",
-        )
-        assert render_image_observation(stdout, [4, 9], first_index=1) == s
-        assert s.startswith("\n<|im_start|>user\n<tool_response>\n<interpreter>")
+    for kind in ("image", "video"):
+        for stdout in (
+            "3 squares\n",
+            "",
+        ):  # an empty stdout (a bare plt.show() cell) keeps "Text Result:\n\n"
+            s = _release_figure_observation(tok, stdout, kind)
+            assert render_observation(stdout, [4, 9], first_index=1, kind=kind) == s
+    assert "<interpreter>Text Result:\n\nImage Result:\n<image_clue_1>" in render_observation("", [4, 9], 1)
+    assert "<interpreter>\nText Result:\n\nImage Result:\n" in render_observation("", [4], 1, kind="video")
 
 
 def test_observation_ids_have_exact_vision_groups_and_printed_specials_are_neutral(processor):
@@ -159,6 +187,9 @@ def test_observation_ids_have_exact_vision_groups_and_printed_specials_are_neutr
     # only the two real ones (the user turn and the assistant generation prompt)
     assert text_ids.count(processor.tokenizer.convert_tokens_to_ids("<|im_start|>")) == 2
     assert ct.error_ids("boom") == ct.encode(render_error_observation("boom"))
+    assert ct.observation_ids("x", [4], 0, kind="video") == ct.encode(
+        render_observation("x", [4], 0, kind="video")
+    )
 
 
 def test_strip_vision_tokens_removes_only_vision_ids(processor):
