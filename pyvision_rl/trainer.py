@@ -148,6 +148,7 @@ class _StepState:
     summaries: list[dict[str, Any]] = field(default_factory=list)
     drops: dict[str, int] = field(default_factory=dict)
     judge: dict[str, int] = field(default_factory=dict)  # judged answers and judge failures
+    rollouts: list[tuple[int, Any]] = field(default_factory=list)  # (first summary index, rollout ref)
     chunks: int = 0
     t_rollout_wait: float = 0.0
 
@@ -336,6 +337,7 @@ class Trainer:
             base = len(st.summaries)
             st.accepted.extend((base + i, std, ref) for i, std, ref in res["accepted"])
             st.summaries.extend(res["summaries"])
+            st.rollouts.append((base, sb.ref))
             for k, v in res.get("judge", {}).items():
                 st.judge[k] = st.judge.get(k, 0) + v
             for k, v in res["drops"].items():
@@ -502,6 +504,8 @@ class Trainer:
             t0 = time.perf_counter()
             m.update(self.evaluate_with_workers())
             m["time/eval"] = time.perf_counter() - t0
+        if cfg.logging.rollouts_every and self.step % cfg.logging.rollouts_every == 0:
+            self._viewer_page(f"step_{self.step}", st.rollouts, st.summaries, set(ranked))
         m["trained_tasks"] = sorted({s["task_id"] for s in trained})
         m["cursor"] = self.resume_point()[0]
         self.logger.log(self.step, m)
@@ -521,7 +525,38 @@ class Trainer:
             if groups[i::w]
         ]
         summaries = ray.get(self.rewards[0].summarize.remote(refs))
+        if cfg.logging.rollouts_every:  # summaries follow the refs' order
+            self._viewer_page(f"eval_step_{self.step}", [(None, r) for r in refs], summaries, None)
         return summarize_rollouts(summaries, prefix="eval/")
+
+    def _viewer_page(self, name: str, rollouts: list, summaries: list, trained: set[int] | None) -> None:
+        """The rollout viewer page <run>/rollouts/<name>.html and its wandb Table, from the first
+        `logging.rollouts_per_step` x `rollout.n` trajectories; `rollouts`: (first summary index, ref), the
+        index None when the ref's summaries directly follow the previous ref's."""
+        import ray
+
+        from pyvision_rl import viewer
+
+        cap = self.cfg.logging.rollouts_per_step * self.cfg.rollout.n
+        try:
+            trajs, idx, pos = [], [], 0
+            for base, ref in rollouts:
+                got = ray.get(ref)
+                pos = pos if base is None else base
+                trajs += got
+                idx += range(pos, pos + len(got))
+                pos += len(got)
+                if len(trajs) >= cap:
+                    break
+            trajs, idx = trajs[:cap], idx[:cap]
+            sel = None if trained is None else {j for j, i in enumerate(idx) if i in trained}
+            items = viewer.items_from_summaries(trajs, [summaries[i] for i in idx], sel, self.cfg.reward.filters)
+            decode = viewer.tokenizer_decoder(self.model_path)
+            title = f"{self.cfg.run.name} · {name.replace('_', ' ')}"
+            viewer.write_rollout_page(self.run_dir / "rollouts", name, items, decode, title)
+            self.logger.log_rollouts(self.step, viewer.table_rows(items, decode), key=f"rollouts/{name[:4]}")
+        except Exception as e:  # the viewer must never stop a run
+            log.warning("rollout viewer page %s failed: %s", name, e)
 
     def save_checkpoint(self) -> Path:
         ck = self.run_dir / "checkpoints" / f"{CKPT_PREFIX}{self.step}"

@@ -54,6 +54,43 @@ class Segment:
     images: list[ImageRef] = field(default_factory=list)
 
 
+def items_from_summaries(
+    trajs: Sequence[Trajectory],
+    summaries: Sequence[dict[str, Any]],
+    trained: set[int] | None = None,
+    filters: Any = None,
+) -> list[ViewItem]:
+    """ViewItems for trajectories fetched as the rollout left them, scored elsewhere: `summaries[i]` is the
+    RewardService's summary of `trajs[i]` (scores and advantage are copied over). `trained`: indices the
+    step trained on (None: an eval, everything shown as accepted); any other trajectory is shown with the
+    first filter of `filters` (`reward.filters`) that drops it, or `ranked_out` when it survived them but
+    the group-std ranking did not keep it."""
+    from pyvision_rl.config import FilterConfig
+    from pyvision_rl.rewards.filters import DROP_REASONS, SANDBOX_ERROR, select_for_training
+
+    cfg = filters or FilterConfig()
+    groups: dict[str, list[float]] = {}
+    for s in summaries:
+        if s["end_reason"] != SANDBOX_ERROR:
+            groups.setdefault(s["group_id"], []).append(s["reward"])
+    items = []
+    for i, (t, s) in enumerate(zip(trajs, summaries, strict=True)):
+        for k in ("reward", "acc", "advantage", "group_std"):
+            if k in s:
+                setattr(t, k, s[k])
+        if trained is None or i in trained:
+            items.append(ViewItem(t, True))
+            continue
+        rs = groups.get(s["group_id"], [])
+        drops: dict[str, int] = {}
+        if cfg.drop_zero_std and s["end_reason"] != SANDBOX_ERROR and len(rs) > 1 and max(rs) == min(rs):
+            drops["zero_std"] = 1  # the group-level filter, judged on the whole group
+        select_for_training([s], 0, cfg, drops=drops)  # the per-trajectory filters, on this one alone
+        reason = next((r for r in DROP_REASONS if drops.get(r)), "ranked_out")
+        items.append(ViewItem(t, False, reason))
+    return items
+
+
 def tokenizer_decoder(model_dir: str | Path) -> Decode:
     """`ids -> text` (special tokens kept) from the checkpoint's tokenizer.json, without transformers."""
     from tokenizers import Tokenizer
