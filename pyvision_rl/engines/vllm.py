@@ -153,8 +153,11 @@ class VLLMEngine(GenerationEngine):
             enforce_eager = not cuda
         if dtype in (None, "auto"):  # the project's "auto" (bf16 on GPU, fp32 on CPU); vLLM's is bf16 on CPU
             dtype = "auto" if cuda else "float32"
-        if tensor_parallel_size == 1:  # the worker inside the engine-core process: one process fewer
-            engine_kwargs.setdefault("distributed_executor_backend", "uni")
+        if not cuda:
+            # A seeded request whose prompt is split across steps crashes vLLM's CPU worker ("CPU Generator
+            # does not use offset"): schedule every prompt whole.
+            engine_kwargs.setdefault("enable_chunked_prefill", False)
+            engine_kwargs.setdefault("max_num_batched_tokens", max(max_model_len, 8192))
         args = AsyncEngineArgs(
             model=model_path,
             dtype=dtype,
