@@ -57,9 +57,11 @@ check-no-torchvision: setup
 	       "Run: .venv/bin/pip uninstall -y torchvision  (constraints.txt keeps it out)"; exit 1; fi
 
 # ---------------------------------------------------------------- tests
-# Everything that can run on this machine: unit, slow and docker tests (gpu/vllm ones skip with a reason).
+# Everything that can run on this machine: unit, slow, docker and vllm tests (gpu ones skip with a reason).
+# The vllm-marked tests run afterwards in .venv-vllm (test-vllm), not skipped here.
 test: setup sysdeps check-no-torchvision sandbox-image
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -m "not vllm" $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-vllm PYTEST_ARGS=
 
 # Inner loop: no Docker, no slow tests.
 test-fast: setup check-no-torchvision
