@@ -12,6 +12,7 @@ from PIL import Image
 
 from pyvision_rl.agent.protocol import (
     FORMAT_ERROR_MESSAGE,
+    TIMEOUT_ERROR_MESSAGE,
     ChatTokens,
     build_image_prompt,
     build_video_prompt,
@@ -132,6 +133,9 @@ def test_text_and_error_observations_are_the_release_strings():
     )
     assert render_error_observation("NameError: name 'x' is not defined") == (
         HEAD + "<interpreter>Execution error: NameError: name 'x' is not defined</interpreter>" + TAIL
+    )
+    assert render_error_observation(TIMEOUT_ERROR_MESSAGE) == (
+        HEAD + "<interpreter>Execution error: Execution timeout</interpreter>" + TAIL  # the release's worker
     )
     with pytest.raises(ValueError, match="kind"):
         render_observation("x", kind="audio")
