@@ -139,8 +139,9 @@ def _highlight(code: str) -> str:
     return highlight(code, PythonLexer(), HtmlFormatter(noclasses=True, nowrap=True, style="friendly"))
 
 
-def _segment_html(seg: Segment) -> str:
-    """Escaped text with each vision block replaced by its image and (model turns) code highlighted."""
+def _segment_html(seg: Segment, embed: bool = True) -> str:
+    """Escaped text with each vision block replaced by its image (a marker if not `embed`: the prompt's
+    images are shown once, above it) and, in model turns, the code highlighted."""
     images = iter(seg.images)
     pieces = _VISION_BLOCK.split(seg.text)
     parts = []
@@ -157,7 +158,10 @@ def _segment_html(seg: Segment) -> str:
             parts.append(html.escape(piece))
         if i < len(pieces) - 1:
             im = next(images, None)
-            parts.append(_img(im) if im is not None else '<span class="missing">[image missing]</span>')
+            if im is None:
+                parts.append('<span class="missing">[image missing]</span>')
+            else:
+                parts.append(_img(im) if embed else f'<span class="marker">[{im.source} image {i}]</span>')
     return "".join(parts)
 
 
@@ -205,7 +209,7 @@ def _card(item: ViewItem, decode: Decode, index: int) -> str:
         f"<code>{html.escape(t.ground_truth)}</code></div>"
         f'<div class="inputs">{"".join(_img(im) for im in prompt.images)}</div>'
         f"<details><summary>prompt · {prompt.n_tokens} tokens</summary>"
-        f"<pre>{_segment_html(prompt)}</pre></details>"
+        f"<pre>{_segment_html(prompt, embed=False)}</pre></details>"
         f"{''.join(turns)}</article>"
     )
 
@@ -227,7 +231,7 @@ pre{white-space:pre-wrap;word-break:break-word;margin:4px 0;font:12px ui-monospa
 .turn{border-left:4px solid #88a;padding:2px 8px;margin:6px 0}
 .turn.model{border-color:#4a7;background:#f7fcf8}.turn.observation{border-color:#c93;background:#fffaf0}
 .label{font-size:11px;color:#666}.code{display:block;background:#f0f3f0;padding:2px 4px}
-.missing{color:#b00}
+.missing{color:#b00}.marker{color:#46a}
 """
 
 _JS = """
