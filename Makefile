@@ -34,10 +34,11 @@ all: setup
 
 setup: .venv/.stamp
 
-# Debian packages: docker engine, bubblewrap (process sandbox), debootstrap (offline sandbox image).
+# Debian packages: docker engine, bubblewrap (process sandbox), debootstrap (offline sandbox image), chromium
+# (headless browser test of the rollout viewer).
 $(CACHE)/sysdeps.stamp:
 	@mkdir -p $(CACHE)
-	@missing=""; for p in docker.io bubblewrap debootstrap; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in docker.io bubblewrap debootstrap chromium; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  else echo "warning: missing Debian packages:$$missing (run as root, or install them); docker/process sandbox tests may skip"; fi; fi
