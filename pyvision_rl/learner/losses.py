@@ -11,10 +11,6 @@ from collections.abc import Sequence
 import torch
 
 
-def _as_tensor(x, dtype=torch.float32) -> torch.Tensor:
-    return x.to(dtype) if isinstance(x, torch.Tensor) else torch.as_tensor(list(x), dtype=dtype)
-
-
 def group_advantages(
     rewards: Sequence[float] | torch.Tensor,
     group_ids: Sequence | torch.Tensor,
@@ -24,29 +20,17 @@ def group_advantages(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """GRPO advantage of each trajectory, as the release computes it: reward minus its group's mean.
 
-    `group_ids`: a list, numpy array or tensor of ids (hashables; tensor/array elements compare by value).
-    With `std_norm`, divided by the group's unbiased std + `eps` (GRPO; off: Dr.GRPO, the paper's setting).
-    A group of one has mean 0 and std 1, as in the release (`compute_grpo_outcome_advantage`), so its
-    advantage is its reward. Non-finite rewards count as 0. `return_std=True` also returns each
-    trajectory's group std (unbiased), the number the selection ranks groups by.
+    The tensor form of `rewards.filters.group_stats` (the package's one definition, which the selection
+    uses): `group_ids` a list, numpy array or tensor; with `std_norm`, divided by the group's unbiased std +
+    `eps`; a group of one has mean 0 and std 1, as in the release; non-finite rewards count as 0.
+    `return_std=True` also returns each trajectory's group std.
     """
-    r = _as_tensor(rewards)
-    r = torch.where(torch.isfinite(r), r, torch.zeros_like(r))
-    ids = group_ids.tolist() if hasattr(group_ids, "tolist") else list(group_ids)
-    if len(ids) != r.numel():
-        raise ValueError(f"group_advantages: {r.numel()} rewards but {len(ids)} group ids")
-    index: dict = {}
-    gidx = torch.tensor([index.setdefault(g, len(index)) for g in ids], dtype=torch.long)
-    n_groups = len(index)
-    counts = torch.zeros(n_groups).index_add_(0, gidx, torch.ones_like(r))
-    mean = torch.zeros(n_groups).index_add_(0, gidx, r) / counts.clamp(min=1)
-    mean = torch.where(counts > 1, mean, torch.zeros_like(mean))
-    sq = torch.zeros(n_groups).index_add_(0, gidx, (r - mean[gidx]) ** 2)
-    std = torch.where(counts > 1, torch.sqrt(sq / (counts - 1).clamp(min=1)), torch.ones_like(mean))
-    adv = r - mean[gidx]
-    if std_norm:
-        adv = adv / (std[gidx] + eps)
-    return (adv, std[gidx]) if return_std else adv
+    from pyvision_rl.rewards.filters import group_stats
+
+    r = rewards.tolist() if isinstance(rewards, torch.Tensor) else rewards
+    adv, std = group_stats(r, group_ids, std_norm, eps)
+    adv_t = torch.tensor(adv, dtype=torch.float32)
+    return (adv_t, torch.tensor(std, dtype=torch.float32)) if return_std else adv_t
 
 
 def masked_mean(

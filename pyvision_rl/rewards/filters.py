@@ -2,7 +2,8 @@
 
 The release's semantics (agents-x-project/PyVision-RL, `ray_trainer.fit` + `filter_fn_utils`), exactly:
 1. every trajectory gets its GRPO advantage `r - mean(full group)` (divided by the group's std with
-   `std_norm`) and its full group's unbiased reward std, *before* any filter (`learner.losses.group_advantages`);
+   `std_norm`) and its full group's unbiased reward std, *before* any filter (`group_stats`, the package's
+   one definition; `learner.losses.group_advantages` is its tensor form);
 2. filters, in this order, each switchable in `reward.filters` and counted in `drops`:
    `zero_std` (a group whose rewards all tie is dropped whole; a group of one is kept), `no_tool_image`
    (no tool call returned an image), `vision_mismatch` (vision-token groups != image grids), `end_reason`
@@ -17,6 +18,7 @@ sample of the policy).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,6 +37,37 @@ def _end(t: Any) -> str:
     return str(getattr(e, "value", e))
 
 
+def group_stats(
+    rewards: Sequence[float], group_ids: Sequence[Any], std_norm: bool = False, eps: float = 1e-6
+) -> tuple[list[float], list[float]]:
+    """(advantage, group std) per trajectory, as the release's `compute_grpo_outcome_advantage`.
+
+    Advantage `r - mean(group)`, divided by `std + eps` with `std_norm`; the std is unbiased. A group of
+    one has mean 0 and std 1 (its advantage is its reward). Non-finite rewards count as 0. `group_ids`
+    may be a list, a numpy array or a tensor (elements compare by value).
+    """
+    ids = group_ids.tolist() if hasattr(group_ids, "tolist") else list(group_ids)
+    r = [float(x) if x is not None and math.isfinite(x) else 0.0 for x in rewards]
+    if len(ids) != len(r):
+        raise ValueError(f"group_advantages: {len(r)} rewards but {len(ids)} group ids")
+    members: dict[Any, list[float]] = {}
+    for g, x in zip(ids, r, strict=True):
+        members.setdefault(g, []).append(x)
+    mean_std = {}
+    for g, xs in members.items():
+        if len(xs) == 1:
+            mean_std[g] = (0.0, 1.0)
+        else:
+            m = sum(xs) / len(xs)
+            mean_std[g] = (m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)))
+    adv, std = [], []
+    for g, x in zip(ids, r, strict=True):
+        m, sd = mean_std[g]
+        adv.append((x - m) / (sd + eps) if std_norm else x - m)
+        std.append(sd)
+    return adv, std
+
+
 def select_for_training(
     trajs: Sequence[Any],
     target: int,
@@ -50,8 +83,6 @@ def select_for_training(
     order). `drops`, when given, is incremented per reason (DROP_REASONS); `stats`, when given, is filled
     with `(advantage, group_std)` for every trajectory, dropped ones included (0.0, 0.0 for sandbox errors).
     """
-    from pyvision_rl.learner.losses import group_advantages
-
     cfg = cfg or FilterConfig()
     counts = dict.fromkeys(DROP_REASONS, 0)
     n = len(trajs)
@@ -59,9 +90,9 @@ def select_for_training(
     counts["sandbox_error"] = n - len(valid)
     gids = [_get(trajs[i], "group_id") for i in valid]
     rewards = [float(_get(trajs[i], "reward", 0.0)) for i in valid]
-    adv, std = group_advantages(rewards, gids, std_norm=std_norm, return_std=True)
-    adv_of = dict(zip(valid, adv.tolist(), strict=True))
-    std_of = dict(zip(valid, std.tolist(), strict=True))
+    adv, std = group_stats(rewards, gids, std_norm)
+    adv_of = dict(zip(valid, adv, strict=True))
+    std_of = dict(zip(valid, std, strict=True))
     if stats is not None:
         stats[:] = [(adv_of.get(i, 0.0), std_of.get(i, 0.0)) for i in range(n)]
 
