@@ -235,9 +235,6 @@ class LearnerConfig(_Section):
     recompute_old_logprobs: bool = Field(
         True, description="Recompute old log-probs with the learner (else rollout's)."
     )
-    optimizer: Literal["torch_adamw", "deepspeed_adam"] = Field(
-        "torch_adamw", description="torch AdamW (no JIT build) or DeepSpeed's fused/CPU Adam."
-    )
 
 
 class SyncConfig(_Section):

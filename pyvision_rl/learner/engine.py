@@ -61,6 +61,30 @@ def init_process_group(rank: int, world_size: int, backend: str | None = None) -
     )
 
 
+class LogProbModule(torch.nn.Module):
+    """The learner's root module: the policy plus its log-prob head (`models.processing.token_logprobs`).
+
+    DeepSpeed wraps this, not the bare policy, so the chunked LM head runs inside the engine's forward:
+    ZeRO-3 gathers its weight there and DeepSpeed's backward hooks sit on what the loss is built from.
+    `policy` keeps the checkpoint's parameter names (weight sync, save).
+    """
+
+    def __init__(self, policy: torch.nn.Module, suppress_ids: torch.Tensor, temperature: float) -> None:
+        super().__init__()
+        self.policy = policy
+        self.suppress_ids = suppress_ids
+        self.temperature = temperature
+
+    def forward(
+        self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log-probs, entropy or None), each (B, L-1) and 0 outside `mask`."""
+        from pyvision_rl.models.processing import token_logprobs
+
+        out = token_logprobs(self.policy, inputs, self.suppress_ids, self.temperature, mask, entropy)
+        return out if entropy else (out, None)
+
+
 def _vision_module(model) -> torch.nn.Module | None:
     for path in ("visual", "model.visual"):
         m = model
@@ -127,38 +151,62 @@ class PolicyLearner:
             vis.requires_grad_(False)
         if self.model_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if self.model_cfg.freeze_vision:
-                model.enable_input_require_grads()
+            # transformers then calls `enable_input_require_grads()`, which hooks every sub-model's input
+            # embeddings, the frozen vision tower's patch embedding included: backward would run through the
+            # whole ViT. Keep the hook on the text embeddings only.
+            model.disable_input_require_grads()
+            model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
         model.config.use_cache = False
-        self.suppress_ids = torch.tensor(
+        suppress = torch.tensor(
             suppressed_token_ids(self.processor, model.get_input_embeddings().num_embeddings),
             dtype=torch.long,
         )
+        self.suppress_ids = suppress.to(self.device)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        ds_config = self._ds_config(cuda)
-        optimizer = None
-        if self.cfg.optimizer == "torch_adamw":
-            optimizer = torch.optim.AdamW(
-                trainable, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8
-            )
+        # torch's AdamW (its fused CUDA kernel ships with torch): DeepSpeed's FusedAdam would be JIT-built
+        # against the local nvcc, which fails when that differs from torch's CUDA.
+        optimizer = torch.optim.AdamW(
+            trainable,
+            lr=self.cfg.lr,
+            weight_decay=self.cfg.weight_decay,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            fused=cuda,
+        )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, model_parameters=trainable, config=ds_config
+            model=LogProbModule(model, self.suppress_ids, temperature),
+            optimizer=optimizer,
+            model_parameters=trainable,
+            config=self._ds_config(model),
         )
         self.ref_model = None
         if self.cfg.kl_coef > 0:
             # The frozen reference is a plain (unpartitioned) copy on each rank.
-            self.ref_model, _ = load_policy(model_path, dtype=dtype, device=str(self.device))
-            self.ref_model.requires_grad_(False)
+            ref, _ = load_policy(model_path, dtype=dtype, device=str(self.device))
+            self.ref_model = LogProbModule(ref.requires_grad_(False), self.suppress_ids, temperature)
         self.zero3_multi = self.cfg.zero_stage == 3 and world_size > 1
         self.steps = 0
 
     # ------------------------------------------------------------------ setup
-    def _ds_config(self, cuda: bool) -> dict[str, Any]:
+    def _ds_config(self, model: torch.nn.Module) -> dict[str, Any]:
+        """ZeRO settings sized from the hidden size as HF's DeepSpeed integration does for "auto": buckets
+        of hidden^2 elements, and parameters under 10 x hidden (norms, biases) kept whole on every rank
+        instead of gathered one by one (a 0 threshold makes each of them a collective)."""
+        text = getattr(model.config, "text_config", model.config)
+        h = int(text.hidden_size)
         zero: dict[str, Any] = {"stage": self.cfg.zero_stage}
         if self.cfg.zero_stage >= 2:
-            zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=int(5e7))
+            # overlap_comm on GPU only: gloo has no separate stream to overlap on.
+            zero.update(
+                overlap_comm=self.device.type == "cuda", contiguous_gradients=True, reduce_bucket_size=h * h
+            )
         if self.cfg.zero_stage == 3:
-            zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=int(5e7))
+            zero.update(
+                stage3_param_persistence_threshold=10 * h,
+                stage3_prefetch_bucket_size=int(0.9 * h * h),
+                stage3_max_live_parameters=int(1e9),
+                stage3_max_reuse_distance=int(1e9),
+            )
         conf: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": 1,  # batching is ours; DeepSpeed only needs a consistent value
             "gradient_accumulation_steps": 1,
@@ -168,16 +216,12 @@ class PolicyLearner:
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
-        if self.cfg.optimizer == "deepspeed_adam":
-            conf["optimizer"] = {
-                "type": "AdamW",
-                "params": {"lr": self.cfg.lr, "weight_decay": self.cfg.weight_decay, "torch_adam": not cuda},
-            }
         return conf
 
     @property
     def model(self) -> torch.nn.Module:
-        return self.engine.module
+        """The policy (HF model) inside the DeepSpeed engine; its parameters are partitioned under ZeRO-3."""
+        return self.engine.module.policy
 
     # ------------------------------------------------------------------ collectives
     def _all_reduce(self, values: Sequence[float], op=None) -> list[float]:
@@ -191,26 +235,9 @@ class PolicyLearner:
 
     # ------------------------------------------------------------------ forward
     def _logp(self, model, mb: MicroBatch, want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = model(**mb.inputs, use_cache=False)
-        logits = out.logits[:, :-1].float()
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        idx = self.suppress_ids.to(logits.device)
-        # A large finite negative, not -inf: same softmax as the sampler's mask, and no inf * 0 = NaN on
-        # the masked-out positions whose targets are special tokens (image pads, turn starts).
-        logits = logits.index_fill(-1, idx[idx < logits.shape[-1]], -1e30)
-        lse = torch.logsumexp(logits, dim=-1)
-        target = mb.inputs["input_ids"][:, 1:].unsqueeze(-1)
-        logp = logits.gather(-1, target).squeeze(-1) - lse
-        logp = torch.where(mb.mask > 0, logp, torch.zeros_like(logp))
-        ent = None
-        if want_entropy:
-            sel = mb.mask > 0
-            lg = logits[sel]  # only model tokens: (N, V)
-            p = torch.softmax(lg, dim=-1)
-            ent_tok = lse[sel] - (p * lg).sum(-1)
-            ent = torch.zeros_like(logp).masked_scatter(sel, ent_tok)
-        return logp, ent
+        """(log-probs, entropy or None) at the model tokens only (`mb.mask`); `model` is the engine or the
+        reference LogProbModule."""
+        return model(mb.inputs, mb.mask, want_entropy)
 
     # ------------------------------------------------------------------ batching across ranks
     def _plan(self, trajs: Sequence[Trajectory], advantages: torch.Tensor) -> list[list[MicroBatch]]:
@@ -260,8 +287,9 @@ class PolicyLearner:
     def train_step(self, trajs: Sequence[Trajectory] | Sequence[Sequence[Trajectory]]) -> dict[str, float]:
         """PPO on this rank's trajectories (`Trajectory.advantage` set). Every rank must call it (collectives).
 
-        Returns metrics averaged over ranks: loss, pg_loss, clip_frac, dual_clip_frac, approx_kl, entropy,
-        kl_ref, grad_norm, tokens, trajectories, adv_abs_mean, rollout_logp_abs_diff, lr, time_s.
+        Returns metrics averaged over ranks: loss, pg_loss, clip_frac, dual_clip_frac, approx_kl, entropy
+        (only with learner.entropy_coef > 0: it costs a softmax over the vocabulary per token), kl_ref,
+        grad_norm, tokens, trajectories, adv_abs_mean, rollout_logp_abs_diff, lr, time_s.
         """
         t0 = time.perf_counter()
         flat = [t for x in trajs for t in (x if isinstance(x, (list, tuple)) else [x])]
@@ -279,7 +307,7 @@ class PolicyLearner:
             ["loss", "pg_loss", "clip_frac", "dual_clip_frac", "approx_kl", "entropy", "kl_ref"], 0.0
         )
         tok_total, grad_norms = 0.0, []
-        want_entropy = True
+        want_entropy = self.cfg.entropy_coef > 0
         for _ in range(self.cfg.ppo_epochs):
             for mini in plan:
                 n_tok = self._all_reduce([sum(mb.n_tokens for mb in mini)])[0]
@@ -299,7 +327,7 @@ class PolicyLearner:
                         denom=denom,
                     )
                     loss = pg
-                    if self.cfg.entropy_coef > 0 and ent is not None:
+                    if want_entropy:
                         loss = loss - self.cfg.entropy_coef * masked_mean(ent, d.mask, denom)
                     kl_val = 0.0
                     if self.ref_model is not None:
@@ -332,6 +360,8 @@ class PolicyLearner:
         out["adv_abs_mean"] = red[len(keys) + 2] / max(red[len(keys) + 1], 1.0)
         out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else 0.0
         out["rollout_logp_abs_diff"] = self._all_reduce([m_old["rollout_logp_abs_diff"]])[0] / self.world_size
+        if not want_entropy:
+            del out["entropy"]
         out["lr"] = float(self.optimizer.param_groups[0]["lr"])
         out["time_s"] = time.perf_counter() - t0
         self.steps += 1

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from PIL import Image
 
 from pyvision_rl.types import ImageRef
@@ -207,26 +208,69 @@ def build_forward_inputs(
     return out
 
 
+# Logits per LM-head chunk (fp32): ~128 MB, so the head, log-softmax and entropy of one chunk stay small.
+LOGIT_CHUNK_ELEMS = 2**25
+
+
+def _head_logprobs(head, hidden, targets, suppress, temperature: float, with_entropy: bool):
+    logits = head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if suppress is not None:
+        # A large finite negative, not -inf: the sampler's mask, and no 0 * inf = NaN in the entropy.
+        logits = logits.index_fill(-1, suppress, -1e30)
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if not with_entropy:
+        return logp
+    return logp, lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
 def token_logprobs(
     model,
     inputs: dict[str, torch.Tensor],
     suppress_ids: Sequence[int] | torch.Tensor | None = None,
     temperature: float = 1.0,
-) -> torch.Tensor:
+    mask: torch.Tensor | None = None,
+    entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each next token: out[b, i] = log p(input_ids[b, i+1] | input_ids[b, :i+1]), shape (B, L-1).
 
-    Logits are divided by `temperature` and the `suppress_ids` set to -inf first — the same mask the
-    sampler applies — so trainer and sampler log-probs agree. Padding positions hold garbage; mask them
-    with attention_mask[:, 1:].
+    The one log-prob computation of the package (learner, reference model, tests). Only positions where
+    `mask` (B, L-1) is > 0 are computed (default: every position whose next token is real); the others are
+    0. The backbone's last hidden states are gathered at those positions first, then the LM head and the
+    log-softmax run in chunks of ~`LOGIT_CHUNK_ELEMS` logits, each recomputed in backward, so no (B, L, V)
+    or (N, V) tensor is ever alive: memory is O(L * hidden + chunk * V). Logits are divided by
+    `temperature` and `suppress_ids` masked first — the sampler's mask — so trainer and sampler log-probs
+    agree. `entropy=True` returns (logp, entropy) with the per-position entropy (nats) of the same
+    distribution.
     """
-    out = model(**inputs, use_cache=False)
-    logits = out.logits[:, :-1].float()
-    if temperature != 1.0:
-        logits = logits / temperature
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    ids = inputs["input_ids"]
+    if mask is None:
+        mask = inputs["attention_mask"][:, 1:] if "attention_mask" in inputs else torch.ones_like(ids[:, 1:])
+    sel = mask.to(hidden.device) > 0
+    h, tgt = hidden[sel], ids[:, 1:][sel]
+    head = model.get_output_embeddings()
+    sup = None
     if suppress_ids is not None and len(suppress_ids) > 0:
-        idx = torch.as_tensor(suppress_ids, dtype=torch.long, device=logits.device)
-        idx = idx[idx < logits.shape[-1]]
-        logits = logits.index_fill(-1, idx, float("-inf"))
-    target = inputs["input_ids"][:, 1:].unsqueeze(-1)
-    # gather - logsumexp avoids materialising a second (B, L, V) tensor of log-softmax values
-    return logits.gather(-1, target).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        sup = torch.as_tensor(suppress_ids, dtype=torch.long, device=h.device)
+        sup = sup[sup < head.out_features]
+    step = max(1, LOGIT_CHUNK_ELEMS // head.out_features)
+    parts = []
+    for hc, tc in zip(h.split(step), tgt.split(step), strict=True):
+        if torch.is_grad_enabled() and hc.requires_grad:
+            parts.append(
+                torch.utils.checkpoint.checkpoint(
+                    _head_logprobs, head, hc, tc, sup, temperature, entropy, use_reentrant=False
+                )
+            )
+        else:
+            parts.append(_head_logprobs(head, hc, tc, sup, temperature, entropy))
+    zeros = torch.zeros(sel.shape, dtype=torch.float32, device=h.device)
+    if not entropy:
+        return zeros.masked_scatter(sel, torch.cat(parts)) if parts else zeros
+    if not parts:
+        return zeros, zeros.clone()
+    lp, ent = zip(*parts, strict=True)
+    return zeros.masked_scatter(sel, torch.cat(lp)), zeros.masked_scatter(sel, torch.cat(ent))

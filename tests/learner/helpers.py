@@ -7,6 +7,7 @@ import random
 
 from PIL import Image
 
+from pyvision_rl.learner.losses import group_advantages
 from pyvision_rl.models.processing import encode_images, image_placeholder_ids, special_ids
 from pyvision_rl.types import EndReason, ImageRef, Trajectory
 
@@ -61,4 +62,8 @@ def make_trajs(
                     reward=float(k % 2) * (1 + 0.1 * g),
                 )
             )
+    # what the selection (rewards.filters.select_for_training) sets and the learner trains with
+    adv, std = group_advantages([t.reward for t in out], [t.group_id for t in out], return_std=True)
+    for t, a, s in zip(out, adv.tolist(), std.tolist(), strict=True):
+        t.advantage, t.group_std = a, s
     return out
