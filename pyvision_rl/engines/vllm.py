@@ -32,7 +32,6 @@ import os
 import shutil
 import tempfile
 import threading
-import zlib
 from collections import OrderedDict
 from typing import Any
 
@@ -154,6 +153,8 @@ class VLLMEngine(GenerationEngine):
         if dtype in (None, "auto"):  # the project's "auto" (bf16 on GPU, fp32 on CPU); vLLM's is bf16 on CPU
             dtype = "auto" if cuda else "float32"
         if not cuda:
+            # The CPU backend sizes its KV cache from this (GiB), not from gpu_memory_utilization.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             # A seeded request whose prompt is split across steps crashes vLLM's CPU worker ("CPU Generator
             # does not use offset"): schedule every prompt whole.
             engine_kwargs.setdefault("enable_chunked_prefill", False)
@@ -217,13 +218,12 @@ class VLLMEngine(GenerationEngine):
             uuids.append(hit[1])
         return pil, uuids
 
-    def _params(self, sampling: SamplingParams, cap: int, request_id: str) -> Any:
+    def _params(self, sampling: SamplingParams, cap: int) -> Any:
         from vllm import SamplingParams as VSP
         from vllm.sampling_params import RequestOutputKind
 
-        seed = None
-        if sampling.seed is not None:  # determinism asked for: a per-request seed from (seed, request id)
-            seed = (int(sampling.seed) * 1_000_003 + zlib.crc32(request_id.encode())) % (2**31)
+        # Only when determinism is asked for: a seeded request gets its own generator (slow in vLLM).
+        seed = None if sampling.seed is None else int(sampling.seed) % (2**63)
         return VSP(
             n=1,
             temperature=max(sampling.temperature, 0.0),
@@ -265,7 +265,7 @@ class VLLMEngine(GenerationEngine):
             prompt["multi_modal_data"] = {"image": pil}
             prompt["multi_modal_uuids"] = {"image": uuids}
         rid = f"{request.request_id or 'req'}-{next(self._ids)}"
-        params = self._params(sampling, cap, request.request_id)
+        params = self._params(sampling, cap)
         fut = asyncio.run_coroutine_threadsafe(self._generate(prompt, params, rid), self._loop)
         res = await asyncio.wrap_future(fut)
         o = res.outputs[0]

@@ -205,8 +205,8 @@ def test_concurrent_requests_caps_seeds_and_image_cache(engine):
         assert o.finish_reason in ("length", "eos") and not banned & set(o.token_ids)
     again = _run(eng, reqs[:4], sampling)
     assert [o.token_ids for o in again] == [o.token_ids for o in outs[:4]]
-    assert eng._params(SamplingParams(seed=None), 8, "x").seed is None
-    assert eng._params(sampling, 8, "x").seed is not None
+    assert eng._params(SamplingParams(seed=None), 8).seed is None
+    assert eng._params(sampling, 8).seed is not None
     pil_a, uuid_a = eng._multi_modal([pngs[0]])
     pil_b, uuid_b = eng._multi_modal([pngs[0]])
     assert pil_a[0] is pil_b[0] and uuid_a == uuid_b and uuid_a[0] is not None
