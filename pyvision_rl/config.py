@@ -66,7 +66,7 @@ class ModelConfig(_Section):
 
 
 class SyntheticDataConfig(_Section):
-    kind: Literal["color_count", "small_objects", "video_event", "mixed"] = Field(
+    kind: Literal["color_count", "small_objects", "video_event", "video_moment", "mixed"] = Field(
         "color_count", description="Synthetic task family used when data.train_path is empty."
     )
     n_train: int = Field(512, description="Synthetic training tasks.")
@@ -300,7 +300,9 @@ class SFTConfig(_Section):
     batch_size: int = Field(32, description="Trajectories per SFT step.")
     lr: float = Field(3e-3, description="SFT learning rate.")
     tool_fraction: float = Field(
-        0.5, description="Share of tool-using trajectories in the scripted expert mix."
+        0.5,
+        description="Share of expert trajectories in the scripted mix; the rest answer directly "
+        "(images) or sample frames naively (video_moment).",
     )
     max_tasks: int = Field(
         512, description="Scripted expert trajectories are built for at most this many tasks."

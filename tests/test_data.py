@@ -255,11 +255,13 @@ def _independent_answer(task) -> str:
     color = next(c for c in PALETTE if f" {c} " in f" {task.question} ")
     if task.videos:
         with av.open(task.videos[0]) as c:
+            fps = float(c.streams.video[0].average_rate)
             frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]).astype(int)
         ch = {"red": 0, "green": 1, "blue": 2}[color]
         others = [k for k in range(3) if k != ch]
         hit = (frames[..., ch] > 180) & (frames[..., others[0]] < 80) & (frames[..., others[1]] < 80)
-        return str(int(np.flatnonzero(hit.sum((1, 2)) > 50)[0]))
+        first = int(np.flatnonzero(hit.sum((1, 2)) > 50)[0])
+        return str(int(first // fps) if "second" in task.question else first)
     px = np.asarray(Image.open(task.images[0]).convert("RGB"))
     mask = (px == PALETTE[color]).all(-1)
     comps = _components(mask)
@@ -274,8 +276,24 @@ def _independent_answer(task) -> str:
     return str(len(comps))
 
 
-def _run_expert(task) -> tuple[str, int]:
-    """Execute the expert code the way the sandbox does: Agg matplotlib, plt.show() captures a PNG."""
+class _CountingReader(VideoReader):
+    """The host reader, counting the frames the code decodes (`[i]` and `get_batch`)."""
+
+    reads = 0
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return super().__getitem__(i)
+
+    def get_batch(self, indices):
+        indices = list(indices)
+        self.reads += len(indices)
+        return super().get_batch(indices)
+
+
+def _run_expert(task, code: str | None = None, n_figures: int = 1) -> tuple[str, int]:
+    """Execute the expert code (or `code`) the way the sandbox does: Agg matplotlib, plt.show() captures
+    a PNG; checks it shows `n_figures` small figures. Returns (last printed line, frames decoded)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -293,17 +311,17 @@ def _run_expert(task) -> tuple[str, int]:
     if task.images:
         env["image_clue_0"] = Image.open(task.images[0])
     if task.videos:
-        env["video_clue_0"] = VideoReader(task.videos[0])
+        env["video_clue_0"] = _CountingReader(task.videos[0])
     out = io.StringIO()
     orig_show, plt.show = plt.show, show
     try:
         with contextlib.redirect_stdout(out):
-            exec(expert_code(task), env)  # noqa: S102 - the expert's code, as the sandbox runs it
+            exec(code or expert_code(task), env)  # noqa: S102 - the expert's code, as the sandbox runs it
     finally:
         plt.show = orig_show
-    assert len(shown) == 1
-    assert Image.open(io.BytesIO(shown[0])).size == (112, 112)  # a small figure: 16 vision tokens
-    return out.getvalue().strip().splitlines()[-1], len(shown)
+    assert len(shown) == n_figures
+    assert all(Image.open(io.BytesIO(b)).size == (112, 112) for b in shown)  # small: 16 vision tokens
+    return out.getvalue().strip().splitlines()[-1], getattr(env.get("video_clue_0"), "reads", 0)
 
 
 def test_synthetic_answers_are_right_and_expert_solves_them(mixed_dataset):
@@ -316,6 +334,32 @@ def test_synthetic_answers_are_right_and_expert_solves_them(mixed_dataset):
         assert _independent_answer(t) == t.answer, t.id
         printed, _ = _run_expert(t)
         assert printed == t.answer, (t.id, expert_code(t))
+
+
+def test_video_moment_needs_seeking(tmp_path):
+    """Long clips whose answer (the second the asked-for square appears) is checked from the decoded
+    frames; 1 fps would not fit the tiny model's context; the expert's binary search decodes ~log2(n)
+    frames and shows one, the naive strategy shows 4 uniformly sampled frames and is mostly wrong."""
+    from pyvision_rl.data.synthetic import NAIVE_FRAMES, naive_answer
+    from pyvision_rl.models.processing import image_token_count
+
+    train, held_out = make_dataset(tmp_path, "video_moment", n_train=10, n_eval=2, seed=3)
+    tasks = load_tasks(train) + load_tasks(held_out)
+    naive_right = 0
+    for t in tasks:
+        info = probe_video(t.videos[0])
+        assert (info.width, info.height, info.fps) == (112, 112, 2.0) and 128 <= info.n_frames <= 180
+        assert info.n_frames // 2 * image_token_count((1, 8, 8), 2) >= 1024  # 1 fps fills the context
+        assert t.question.startswith("At which second") and _independent_answer(t) == t.answer, t.id
+        printed, reads = _run_expert(t)
+        assert printed == t.answer and reads <= 9, (t.id, reads)
+        seek, naive = expert_turns(t, use_tool=True), expert_turns(t, use_tool=False)
+        assert "video_clue_0" in seek[0] and "get_batch" not in seek[0] and "np.linspace" in naive[0]
+        code = naive[0].removeprefix("<code>\n```python\n").removesuffix("\n```\n</code>")
+        printed, _ = _run_expert(t, code, n_figures=NAIVE_FRAMES)
+        assert naive[1] == f"<answer>\n\\boxed{{{printed}}}\n</answer>" and printed == naive_answer(t)
+        naive_right += printed == t.answer
+    assert naive_right <= len(tasks) // 3
 
 
 def test_color_count_task_shape_and_balance(tmp_path):

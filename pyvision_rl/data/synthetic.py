@@ -7,6 +7,12 @@ Three kinds, each with a scripted expert (`expert_code`, `expert_turns`) whose c
 - `small_objects`: a 448x448 canvas with a few 6x6 objects; count one colour, or say which quadrant the
   single object of a colour is in. The objects are ~1 % of the width: looking closer (cropping) helps.
 - `video_event`: a short mp4 where a coloured square appears at a given frame; the answer is that frame index.
+- `video_moment`: PyVision-Video in miniature. A 64-90 s clip (2 fps, 112x112) in which a coloured square
+  appears at one moment and stays (a square of another colour appears at another moment); the question
+  asks at which second. Showing the clip at 1 fps would cost 64-90 frames x 16 visual tokens, more than
+  the tiny model's whole context, so an agent must seek: the expert binary-searches with
+  `video_clue_0[i]` (~7 frames decoded, ONE shown); the naive strategy (`expert_turns(..., use_tool=False)`)
+  samples 4 frames uniformly with `get_batch`, shows all 4 and answers from them, which is rarely right.
 
 Colours are exact RGB values in lossless PNGs, so code can match them with `==`; video is lossy, so video
 code thresholds channels instead.
@@ -35,9 +41,11 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 # Colours that survive lossy video coding and are told apart by channel thresholds.
 VIDEO_COLORS = ("red", "green", "blue")
+VIDEO_CHANNEL = {"red": 0, "green": 1, "blue": 2}  # the channel each video colour saturates
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 
-KINDS = ("color_count", "small_objects", "video_event")
+KINDS = ("color_count", "small_objects", "video_event", "video_moment")
+MIXED_KINDS = ("color_count", "small_objects", "video_event")  # `mixed`: the quick kinds (test fixtures)
 CELL = 14  # px per cell in color_count (one Qwen patch)
 GRID = 8  # cells per side in color_count
 OBJ = 6  # px per side of a small object
@@ -45,6 +53,11 @@ CANVAS = 448  # px per side of the small_objects canvas
 VIDEO_SIZE = 64
 VIDEO_FPS = 8
 VIDEO_SQUARE = 16
+MOMENT_SIZE = 112  # one frame = 16 visual tokens, as one shown figure
+MOMENT_FPS = 2
+MOMENT_SECONDS = (64, 90)  # clip length: at 1 fps, 1024-1440 visual tokens (the whole context)
+MOMENT_SQUARE = 24
+NAIVE_FRAMES = 4  # frames the naive strategy samples uniformly and shows
 
 COUNT_QUESTION = "How many {color} squares are there?"
 OBJECTS_COUNT_QUESTION = "How many {color} dots are there?"
@@ -52,6 +65,7 @@ OBJECTS_LOCATE_QUESTION = (
     "In which quadrant is the {color} dot? Answer top-left, top-right, bottom-left or bottom-right."
 )
 VIDEO_QUESTION = "At which frame index does the {color} square first appear?"
+MOMENT_QUESTION = "At which second does the {color} square first appear?"
 
 # Figures the expert shows: small, so one tool image costs few vision tokens (112 px -> 16 tokens).
 _SHOW = "plt.figure(figsize=(1.12, 1.12), dpi=100)\nplt.imshow({arr})\nplt.axis('off')\nplt.show()\n"
@@ -95,17 +109,24 @@ def render_small_objects(rng: random.Random, objects: list[str]) -> Image.Image:
 
 
 def render_video_event(
-    rng: random.Random, n_frames: int, color: str, first: int, distractor: str, distractor_first: int
+    rng: random.Random,
+    n_frames: int,
+    color: str,
+    first: int,
+    distractor: str,
+    distractor_first: int,
+    size: int = VIDEO_SIZE,
+    square: int = VIDEO_SQUARE,
 ) -> np.ndarray:
     """(T, H, W, 3) frames: dark background; `color` square from frame `first` on, a distractor square
     of another colour from `distractor_first` on (elsewhere on the frame)."""
-    frames = np.full((n_frames, VIDEO_SIZE, VIDEO_SIZE, 3), 20, dtype=np.uint8)
-    half = VIDEO_SIZE // 2
+    frames = np.full((n_frames, size, size, 3), 20, dtype=np.uint8)
+    half = size // 2
     # target in the left half, distractor in the right half: they never overlap
-    ty, tx = rng.randint(0, VIDEO_SIZE - VIDEO_SQUARE), rng.randint(0, half - VIDEO_SQUARE)
-    dy, dx = rng.randint(0, VIDEO_SIZE - VIDEO_SQUARE), rng.randint(half, VIDEO_SIZE - VIDEO_SQUARE)
-    frames[first:, ty : ty + VIDEO_SQUARE, tx : tx + VIDEO_SQUARE] = COLORS[color]
-    frames[distractor_first:, dy : dy + VIDEO_SQUARE, dx : dx + VIDEO_SQUARE] = COLORS[distractor]
+    ty, tx = rng.randint(0, size - square), rng.randint(0, half - square)
+    dy, dx = rng.randint(0, size - square), rng.randint(half, size - square)
+    frames[first:, ty : ty + square, tx : tx + square] = COLORS[color]
+    frames[distractor_first:, dy : dy + square, dx : dx + square] = COLORS[distractor]
     return frames
 
 
@@ -186,10 +207,34 @@ def _make_video_event(rng: random.Random, idx: int, out_dir: Path, split: str) -
     }
 
 
+def _make_video_moment(rng: random.Random, idx: int, out_dir: Path, split: str) -> dict:
+    from pyvision_rl.data.video import write_video
+
+    n_frames = rng.randint(*MOMENT_SECONDS) * MOMENT_FPS
+    color = rng.choice(VIDEO_COLORS)
+    distractor = rng.choice([c for c in VIDEO_COLORS if c != color])
+    first = rng.randint(1, n_frames - 1)
+    distractor_first = rng.choice([i for i in range(1, n_frames) if i != first])
+    frames = render_video_event(
+        rng, n_frames, color, first, distractor, distractor_first, MOMENT_SIZE, MOMENT_SQUARE
+    )
+    rel = f"videos/{split}_{idx:05d}.mp4"
+    write_video(out_dir / rel, frames, MOMENT_FPS)
+    return {
+        "id": f"video_moment-{split}-{idx}",
+        "question": MOMENT_QUESTION.format(color=color),
+        "answer": str(first // MOMENT_FPS),
+        "video_path": rel,
+        "data_source": "synthetic_video_event",
+        "extra": {"kind": "video_moment", "color": color},
+    }
+
+
 _MAKERS = {
     "color_count": _make_color_count,
     "small_objects": _make_small_objects,
     "video_event": _make_video_event,
+    "video_moment": _make_video_moment,
 }
 
 
@@ -205,7 +250,8 @@ def make_dataset(
 ) -> tuple[Path, Path]:
     """Write `n_train` + `n_eval` tasks (media + train.jsonl + eval.jsonl, plain JSONL rows) under `out_dir`.
 
-    `kind` is one of `color_count`, `small_objects`, `video_event` or `mixed` (round-robin over the three).
+    `kind` is one of `color_count`, `small_objects`, `video_event`, `video_moment` or `mixed` (round-robin
+    over the first three).
     Media paths in the rows are relative to `out_dir`. The same seed writes the same files.
     Returns (train.jsonl, eval.jsonl).
     """
@@ -219,7 +265,7 @@ def make_dataset(
         rng = random.Random(f"{kind}-{split}-{split_seed}")
         rows = []
         for i in range(n):
-            k = KINDS[i % len(KINDS)] if kind == "mixed" else kind
+            k = MIXED_KINDS[i % len(MIXED_KINDS)] if kind == "mixed" else kind
             rows.append(_MAKERS[k](rng, i, out, split))
         path = out / f"{split}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -237,6 +283,8 @@ def task_kind(task: Task) -> str:
     if kind in KINDS:
         return kind
     q = task.question
+    if q.startswith("At which second"):
+        return "video_moment"
     if "first appear" in q:
         return "video_event"
     if "dot" in q:
@@ -287,8 +335,10 @@ def expert_code(task: Task) -> str:
             f"m = (a == {rgb}).all(-1)\n"
             f"n = int(m.sum()) // {OBJ * OBJ}\n" + _SHOW.format(arr="m") + "print(n)"
         )
+    ch = VIDEO_CHANNEL[color]
+    if kind == "video_moment":
+        return _moment_code(ch, seek=True)
     # video_event: a channel threshold that survives lossy coding
-    ch = {"red": 0, "green": 1, "blue": 2}[color]
     return (
         "import numpy as np\n"
         "v = video_clue_0\n"
@@ -296,6 +346,49 @@ def expert_code(task: Task) -> str:
         f"m = (f[..., {ch}] > 150) & (f.sum(-1) - f[..., {ch}] < 150)\n"
         "i = int(np.argmax(m.sum((1, 2)) > 20))\n" + _SHOW.format(arr="f[i].astype('uint8')") + "print(i)"
     )
+
+
+def _moment_code(ch: int, seek: bool) -> str:
+    """video_moment code: the same frame test, then binary search (`seek`) or uniform sampling."""
+    head = (
+        "import numpy as np\n"
+        "v = video_clue_0\n"
+        "def seen(i):\n"
+        "    f = v[i].asnumpy().astype(int)\n"
+        f"    return ((f[..., {ch}] > 150) & (f.sum(-1) - f[..., {ch}] < 150)).sum() > 20\n"
+    )
+    if seek:  # ~7 frames decoded, one shown
+        return (
+            head + "lo, hi = 0, len(v) - 1\n"
+            "while lo < hi:\n"
+            "    m = (lo + hi) // 2\n"
+            "    lo, hi = (lo, m) if seen(m) else (m + 1, hi)\n"
+            "plt.figure(figsize=(1.12, 1.12))\n"
+            "plt.imshow(v[lo].asnumpy())\n"
+            "plt.show()\n"
+            "print(int(lo // v.get_avg_fps()))"
+        )
+    return (  # naive: NAIVE_FRAMES frames sampled uniformly and all shown; the answer is their resolution
+        head + f"idx = np.linspace(0, len(v) - 1, {NAIVE_FRAMES}).astype(int)\n"
+        "for f in v.get_batch(idx).asnumpy():\n"
+        "    plt.figure(figsize=(1.12, 1.12))\n"
+        "    plt.imshow(f)\n"
+        "    plt.show()\n"
+        "i = next(i for i in idx if seen(i))\n"
+        "print(int(i // v.get_avg_fps()))"
+    )
+
+
+def naive_answer(task: Task) -> str:
+    """What the naive video_moment code prints, recomputed on the host from the decoded frames."""
+    from pyvision_rl.data.video import VideoReader
+
+    v = VideoReader(task.videos[0])
+    ch = VIDEO_CHANNEL[_question_color(task)]
+    f = v.get_batch(np.linspace(0, len(v) - 1, NAIVE_FRAMES).astype(int)).asnumpy().astype(int)
+    hit = ((f[..., ch] > 150) & (f.sum(-1) - f[..., ch] < 150)).sum((1, 2)) > 20
+    i = int(np.linspace(0, len(v) - 1, NAIVE_FRAMES).astype(int)[int(np.argmax(hit))])
+    return str(int(i // v.get_avg_fps()))
 
 
 def answer_text(answer: str) -> str:
@@ -309,9 +402,16 @@ def code_text(code: str) -> str:
 
 
 def expert_turns(task: Task, use_tool: bool) -> list[str]:
-    """The model-side texts of an expert trajectory: [code turn, answer turn] or [answer turn]."""
+    """The model-side texts of an expert trajectory: [code turn, answer turn] or [answer turn].
+
+    For `video_moment`, `use_tool=False` is the naive strategy instead of a direct answer (a video cannot
+    be answered without looking): uniform sampling, NAIVE_FRAMES frames shown, and the answer it prints.
+    """
     if use_tool:
         return [code_text(expert_code(task)), answer_text(task.answer)]
+    if task_kind(task) == "video_moment":
+        ch = VIDEO_CHANNEL[_question_color(task)]
+        return [code_text(_moment_code(ch, seek=False)), answer_text(naive_answer(task))]
     return [answer_text(task.answer)]
 
 
@@ -355,4 +455,24 @@ def tokenizer_corpus(seed: int = 0, n_per_kind: int = 200) -> list[str]:
             texts.append(t.question)
             texts.extend(expert_turns(t, use_tool=True))
             texts.append(str(t.answer) + "\n")
+    return texts
+
+
+def extra_tokenizer_corpus(kind: str, seed: int = 0, n: int = 200) -> list[str]:
+    """Texts of `kind` that `tokenizer_corpus` leaves out, for a tiny model trained on that kind alone.
+
+    Only `video_moment` has any: its code turns are long, and adding them to the shared corpus would take
+    BPE merges from the image kinds (the default vocabulary is full), so its tiny model gets its own
+    vocabulary (`make_tiny_model(..., extra_corpus=...)`, with a larger `model.tiny.vocab_size`).
+    """
+    if kind != "video_moment":
+        return []
+    rng = random.Random(f"corpus-{kind}-{seed}")
+    texts: list[str] = []
+    for _ in range(n):
+        color = rng.choice(VIDEO_COLORS)
+        ch = VIDEO_CHANNEL[color]
+        second = str(rng.randint(0, MOMENT_SECONDS[1] - 1))
+        texts += [MOMENT_QUESTION.format(color=color), second + "\n", answer_text(second)]
+        texts += [code_text(_moment_code(ch, seek)) for seek in (True, False)]
     return texts
