@@ -667,7 +667,7 @@ class RayGauges:
         for k, v in rec.items():
             if isinstance(v, bool) or not isinstance(v, int | float) or v != v:  # v != v: NaN
                 continue
-            name = "pyvision_" + "".join(c if c.isalnum() else "_" for c in k)
+            name = "pyvision_" + "".join(c if c.isalnum() else "_" for c in k).lower()  # as Prometheus has it
             if name not in self.gauges:
                 self.gauges[name] = Gauge(name, description=f"pyvision-rl {k}", tag_keys=("run",))
             self.gauges[name].set(float(v), tags={"run": self.run})
