@@ -254,7 +254,7 @@ class LoggingConfig(_Section):
     rollouts_every: int = Field(
         5,
         description="Write the rollout viewer page <run>/rollouts/step_<k>.html (and a wandb Table) every k "
-        "steps, and one per eval (0: never). `pyvision-rl view RUN_DIR` serves them.",
+        "steps, at the last step and at every eval (0: never). `pyvision-rl view RUN_DIR` serves them.",
     )
     rollouts_per_step: int = Field(
         4,

@@ -504,7 +504,8 @@ class Trainer:
             t0 = time.perf_counter()
             m.update(self.evaluate_with_workers())
             m["time/eval"] = time.perf_counter() - t0
-        if cfg.logging.rollouts_every and self.step % cfg.logging.rollouts_every == 0:
+        every = cfg.logging.rollouts_every
+        if every and (self.step % every == 0 or self.step == cfg.trainer.total_steps):
             self._viewer_page(f"step_{self.step}", st.rollouts, st.summaries, set(ranked))
         m["trained_tasks"] = sorted({s["task_id"] for s in trained})
         m["cursor"] = self.resume_point()[0]
