@@ -317,3 +317,26 @@ def test_index_lists_every_page(tmp_path, tiny_model_dir):
     ]
     html = (tmp_path / "index.html").read_text()
     assert 'href="step_5.html"' in html and 'href="eval_step_5.html"' in html
+
+
+def test_the_sample_goes_to_a_wandb_table_with_images(tmp_path, tiny_model_dir, monkeypatch):
+    from pyvision_rl.config import load_config
+    from pyvision_rl.metrics import MetricsLogger
+    from pyvision_rl.models import load_processor
+    from pyvision_rl.viewer import table_rows
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    t = _traj(load_processor(tiny_model_dir).tokenizer)
+    rows = table_rows([ViewItem(t, True), ViewItem(t, False, "zero_std")], tokenizer_decoder(tiny_model_dir))
+    assert rows[1]["status"] == "filtered: zero_std" and rows[0]["image"] == t.images[0].png
+    assert "<code>" in rows[0]["turns"] and "<|image_pad|>" not in rows[0]["turns"]
+    logger = MetricsLogger(tmp_path, load_config(None, ["logging.wandb=offline"]))
+    assert logger._wandb is not None
+    logger.log_rollouts(1, rows, key="rollouts/step")
+    logger.close()
+    (table,) = tmp_path.glob("wandb/offline-run-*/files/media/table/rollouts/step_*.table.json")
+    data = json.loads(table.read_text())
+    assert len(data["data"]) == 2
+    col = data["columns"].index("image")
+    assert all(row[col] not in (None, "") for row in data["data"])  # a wandb Image per row
