@@ -103,7 +103,7 @@ def test_two_step_training_with_vllm_rollouts(tmp_path, model_dir, ray_local):
             f"model.path={model_dir}",
             "rollout.engine=vllm",
             "trainer.total_steps=2",
-            "trainer.save_every=0",
+            "trainer.save_every=2",
             "trainer.eval_every=0",
             "rollout.n=4",
             "rollout.gen_batch_size=4",
