@@ -261,7 +261,7 @@ def _independent_answer(task) -> str:
         others = [k for k in range(3) if k != ch]
         hit = (frames[..., ch] > 180) & (frames[..., others[0]] < 80) & (frames[..., others[1]] < 80)
         first = int(np.flatnonzero(hit.sum((1, 2)) > 50)[0])
-        return str(int(first // fps) if "second" in task.question else first)
+        return str(int(first // fps // 10) if "10-second" in task.question else first)
     px = np.asarray(Image.open(task.images[0]).convert("RGB"))
     mask = (px == PALETTE[color]).all(-1)
     comps = _components(mask)
@@ -337,9 +337,9 @@ def test_synthetic_answers_are_right_and_expert_solves_them(mixed_dataset):
 
 
 def test_video_moment_needs_seeking(tmp_path):
-    """Long clips whose answer (the second the asked-for square appears) is checked from the decoded
-    frames; 1 fps would not fit the tiny model's context; the expert's binary search decodes ~log2(n)
-    frames and shows one, the naive strategy shows 4 uniformly sampled frames and is mostly wrong."""
+    """Long clips whose answer (the 10-second part in which the asked-for square appears) is checked from
+    the decoded frames; 1 fps would fill the tiny model's context; the expert's binary search decodes
+    ~log2(n) frames and shows one, the naive strategy shows 4 uniformly sampled frames and is mostly wrong."""
     from pyvision_rl.data.synthetic import NAIVE_FRAMES, naive_answer
     from pyvision_rl.models.processing import image_token_count
 
@@ -350,16 +350,17 @@ def test_video_moment_needs_seeking(tmp_path):
         info = probe_video(t.videos[0])
         assert (info.width, info.height, info.fps) == (112, 112, 2.0) and 128 <= info.n_frames <= 180
         assert info.n_frames // 2 * image_token_count((1, 8, 8), 2) >= 1024  # 1 fps fills the context
-        assert t.question.startswith("At which second") and _independent_answer(t) == t.answer, t.id
+        assert t.question.startswith("In which 10-second part") and _independent_answer(t) == t.answer, t.id
         printed, reads = _run_expert(t)
-        assert printed == t.answer and reads <= 9, (t.id, reads)
+        assert printed == f"{t.answer} (10-second part)" and reads <= 9, (t.id, printed, reads)
         seek, naive = expert_turns(t, use_tool=True), expert_turns(t, use_tool=False)
-        assert "video_clue_0" in seek[0] and "get_batch" not in seek[0] and "np.linspace" in naive[0]
+        assert "video_clue_0" in seek[0] and "get_batch" not in seek[0] and "get_batch" in naive[0]
         code = naive[0].removeprefix("<code>\n```python\n").removesuffix("\n```\n</code>")
         printed, _ = _run_expert(t, code, n_figures=NAIVE_FRAMES)
-        assert naive[1] == f"<answer>\n\\boxed{{{printed}}}\n</answer>" and printed == naive_answer(t)
-        naive_right += printed == t.answer
-    assert naive_right <= len(tasks) // 3
+        digit = printed.split()[0]
+        assert naive[1] == f"<answer>\n\\boxed{{{digit}}}\n</answer>" and digit == naive_answer(t)
+        naive_right += digit == t.answer
+    assert naive_right <= len(tasks) // 2
 
 
 def test_color_count_task_shape_and_balance(tmp_path):

@@ -9,7 +9,7 @@ Three kinds, each with a scripted expert (`expert_code`, `expert_turns`) whose c
 - `video_event`: a short mp4 where a coloured square appears at a given frame; the answer is that frame index.
 - `video_moment`: PyVision-Video in miniature. A 64-90 s clip (2 fps, 112x112) in which a coloured square
   appears at one moment and stays (a square of another colour appears at another moment); the question
-  asks at which second. Showing the clip at 1 fps would cost 64-90 frames x 16 visual tokens, more than
+  asks in which 10-second part of the clip (one digit, 0-8). Showing the clip at 1 fps would cost 64-90 frames x 16 visual tokens, more than
   the tiny model's whole context, so an agent must seek: the expert binary-searches with
   `video_clue_0[i]` (~7 frames decoded, ONE shown); the naive strategy (`expert_turns(..., use_tool=False)`)
   samples 4 frames uniformly with `get_batch`, shows all 4 and answers from them, which is rarely right.
@@ -65,7 +65,11 @@ OBJECTS_LOCATE_QUESTION = (
     "In which quadrant is the {color} dot? Answer top-left, top-right, bottom-left or bottom-right."
 )
 VIDEO_QUESTION = "At which frame index does the {color} square first appear?"
-MOMENT_QUESTION = "At which second does the {color} square first appear?"
+MOMENT_UNIT = " (10-second part)"  # printed after the digit: a digit before a newline is another token
+MOMENT_QUESTION = (
+    "In which 10-second part of the video does the {color} square first appear "
+    "(0 for 0-9 s, 1 for 10-19 s, ...)?"
+)
 
 # Figures the expert shows: small, so one tool image costs few vision tokens (112 px -> 16 tokens).
 _SHOW = "plt.figure(figsize=(1.12, 1.12), dpi=100)\nplt.imshow({arr})\nplt.axis('off')\nplt.show()\n"
@@ -223,7 +227,7 @@ def _make_video_moment(rng: random.Random, idx: int, out_dir: Path, split: str) 
     return {
         "id": f"video_moment-{split}-{idx}",
         "question": MOMENT_QUESTION.format(color=color),
-        "answer": str(first // MOMENT_FPS),
+        "answer": str(first // MOMENT_FPS // 10),  # one digit: copied as one token, like the image kinds
         "video_path": rel,
         "data_source": "synthetic_video_event",
         "extra": {"kind": "video_moment", "color": color},
@@ -283,7 +287,7 @@ def task_kind(task: Task) -> str:
     if kind in KINDS:
         return kind
     q = task.question
-    if q.startswith("At which second"):
+    if q.startswith("In which 10-second part"):
         return "video_moment"
     if "first appear" in q:
         return "video_event"
@@ -355,18 +359,18 @@ def _moment_code(ch: int, seek: bool) -> str:
         "v = video_clue_0\n"
         "def seen(i):\n"
         "    f = v[i].asnumpy().astype(int)\n"
-        f"    return ((f[..., {ch}] > 150) & (f.sum(-1) - f[..., {ch}] < 150)).sum() > 20\n"
+        f"    return 20 < ((f[..., {ch}] > 150) & (f.sum(-1) - f[..., {ch}] < 150)).sum()\n"
     )
     if seek:  # ~7 frames decoded, one shown
         return (
-            head + "lo, hi = 0, len(v) - 1\n"
+            head + "lo, hi = 0, -1 + len(v)\n"
             "while lo < hi:\n"
-            "    m = (lo + hi) // 2\n"
+            "    m = int((lo + hi) / 2)\n"
             "    lo, hi = (lo, m) if seen(m) else (m + 1, hi)\n"
             "plt.figure(figsize=(1.12, 1.12))\n"
             "plt.imshow(v[lo].asnumpy())\n"
             "plt.show()\n"
-            "print(int(lo // v.get_avg_fps()))"
+            "print(int(lo // v.get_avg_fps() // 10), '(10-second part)')"
         )
     return (  # naive: NAIVE_FRAMES frames sampled uniformly and all shown; the answer is their resolution
         head + f"idx = np.linspace(0, len(v) - 1, {NAIVE_FRAMES}).astype(int)\n"
@@ -375,7 +379,7 @@ def _moment_code(ch: int, seek: bool) -> str:
         "    plt.imshow(f)\n"
         "    plt.show()\n"
         "i = next(i for i in idx if seen(i))\n"
-        "print(int(i // v.get_avg_fps()))"
+        "print(int(i // v.get_avg_fps() // 10), '(10-second part)')"
     )
 
 
@@ -388,7 +392,7 @@ def naive_answer(task: Task) -> str:
     f = v.get_batch(np.linspace(0, len(v) - 1, NAIVE_FRAMES).astype(int)).asnumpy().astype(int)
     hit = ((f[..., ch] > 150) & (f.sum(-1) - f[..., ch] < 150)).sum((1, 2)) > 20
     i = int(np.linspace(0, len(v) - 1, NAIVE_FRAMES).astype(int)[int(np.argmax(hit))])
-    return str(int(i // v.get_avg_fps()))
+    return str(int(i // v.get_avg_fps() // 10))
 
 
 def answer_text(answer: str) -> str:
@@ -463,16 +467,34 @@ def extra_tokenizer_corpus(kind: str, seed: int = 0, n: int = 200) -> list[str]:
 
     Only `video_moment` has any: its code turns are long, and adding them to the shared corpus would take
     BPE merges from the image kinds (the default vocabulary is full), so its tiny model gets its own
-    vocabulary (`make_tiny_model(..., extra_corpus=...)`, with a larger `model.tiny.vocab_size`).
+    vocabulary (`make_tiny_model(..., extra_corpus=...)`, with a larger `model.tiny.vocab_size`): the
+    prompt, code, answer and video-tool observation texts, each many times, so that they become few
+    tokens. No digit is ever next to a newline here (nor at a code line's end), and the code prints the
+    digit followed by MOMENT_UNIT, so the printed digit in `Text Result:\n3 (10-second part)` and the one
+    in `\\boxed{3}` are the same single token (the copy the model learns).
     """
     if kind != "video_moment":
         return []
+    from pyvision_rl.agent.protocol import build_video_prompt
+
     rng = random.Random(f"corpus-{kind}-{seed}")
+    # the observation's text around its digit and vision blocks (vision tokens are special: never merged)
+    obs = [
+        "user\n<tool_response>\n<interpreter>\nText Result:\n",
+        f"{MOMENT_UNIT}\nImage Result:\n<image_clue_0>",
+        *(f"</image_clue_{k}><image_clue_{k + 1}>" for k in range(NAIVE_FRAMES - 1)),
+        *(f"</image_clue_{k}></interpreter>\n\n</tool_response>" for k in range(NAIVE_FRAMES)),
+        "assistant\n",
+    ]
     texts: list[str] = []
     for _ in range(n):
         color = rng.choice(VIDEO_COLORS)
         ch = VIDEO_CHANNEL[color]
-        second = str(rng.randint(0, MOMENT_SECONDS[1] - 1))
-        texts += [MOMENT_QUESTION.format(color=color), second + "\n", answer_text(second)]
+        n_frames = rng.randint(*MOMENT_SECONDS) * MOMENT_FPS
+        question = MOMENT_QUESTION.format(color=color)
+        prompt = build_video_prompt(
+            question, MOMENT_SIZE, MOMENT_SIZE, n_frames, MOMENT_FPS, "tiny_tool_video"
+        )
+        texts += ["user\n" + prompt, answer_text(str(rng.randint(0, 8))), *obs]
         texts += [code_text(_moment_code(ch, seek)) for seek in (True, False)]
     return texts
