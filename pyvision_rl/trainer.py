@@ -3,10 +3,11 @@
 The driver holds ObjectRefs and small per-trajectory summaries, never trajectories or tensors.
 One step:
   1. chunks of `rollout.gen_batch_size` prompts x `rollout.n` go to the RolloutWorkers (split across them);
-     up to `num_workers + 1` sub-batches are in flight, so the next chunk rolls out while the
-     RewardService scores the current one;
-  2. the RewardService verifies, adds the tool bonus, filters, and returns one ref per surviving group
-     with its reward std;
+     up to `num_workers + 1` sub-batches are in flight; each worker streams back every group the moment
+     it completes, and the driver sends it straight to the RewardService, so scoring overlaps rollouts;
+  2. the RewardService verifies, adds the tool bonus, sets advantages, filters, and returns summaries plus
+     the scored trajectories as returns of the driver's own call: the driver owns every trajectory ref,
+     so a RewardService that dies after scoring loses nothing (a group is only scored again);
   3. once `trainer.train_batch_size x rollout.n` trajectories survived (or `max_chunks_per_step` chunks were
      used, if set), `rewards.filters.select_for_training` keeps those with the largest group std (groups may
      split, as in the release) and they go to the learner, which trains and syncs weights.
@@ -128,8 +129,19 @@ def _set_rng_state(s: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------------------- the driver
 @dataclass
+class _Scoring:
+    """One streamed group being scored: its rollout ref and the refs the scoring call returns."""
+
+    group_ref: Any
+    traj_refs: list
+    service: int
+    tries: int = 1
+
+
+@dataclass
 class _SubBatch:
-    """A slice of a chunk assigned to one worker; kept until scored so it can be re-queued."""
+    """A slice of a chunk assigned to one worker; kept until all its groups are scored, so it can be
+    re-queued whole."""
 
     chunk: int
     groups: list[tuple[Task, int, str]]
@@ -137,9 +149,11 @@ class _SubBatch:
     cursor_start: dict[str, int] = field(default_factory=dict)
     carried: bool = False  # sampled during the previous step: must be used now (staleness stays <= 1)
     worker: int = -1
-    ref: Any = None
-    score_ref: Any = None
+    ref: Any = None  # the worker's ObjectRefGenerator: one ref per finished group, owned by the driver
     attempts: int = 0
+    stream_done: bool = False
+    scoring: dict[Any, _Scoring] = field(default_factory=dict)  # report ref -> group being scored
+    results: list[tuple[dict, Any, list]] = field(default_factory=list)  # (report, group ref, traj refs)
 
 
 @dataclass
@@ -228,6 +242,7 @@ class Trainer:
             )
             for _ in range(cfg.reward.num_services)
         ]
+        self._reward_pids: dict[int, Any] = {}  # service index -> pid of its last report
         self.learners = LearnerGroup(policy_path, cfg)
         self._worker_pids = {
             i: p["pid"] for i, p in enumerate(ray.get([w.ping.remote() for w in self.workers]))
@@ -257,10 +272,27 @@ class Trainer:
     def _submit(self, sb: _SubBatch, worker: int) -> None:
         sb.worker = worker
         sb.attempts += 1
+        sb.stream_done, sb.scoring, sb.results = False, {}, []
         sb.ref = self.workers[worker].rollout.remote(sb.groups, self.version, sb.seed)
-        svc = self.rewards[sb.chunk % len(self.rewards)]
+
+    def _score(self, sb: _SubBatch, group_ref: Any, tries: int = 1) -> None:
+        """Send one streamed group to its RewardService. Every ref involved is the driver's (the group is
+        a return of the rollout it submitted, the scored trajectories returns of this call), so a service
+        that dies costs only this call, sent again with the same group."""
+        i = sb.chunk % len(self.rewards)
+        n = int(sb.groups[0][1])
         # A list wrapping the ref keeps Ray from resolving it in the caller: the service fetches it itself.
-        sb.score_ref = svc.score.remote([sb.ref])
+        report, *trajs = self.rewards[i].score_group.options(num_returns=1 + n).remote([group_ref], n)
+        sb.scoring[report] = _Scoring(group_ref, trajs, i, tries)
+
+    def _reward_pid(self, i: int, pid: Any) -> None:
+        """Count a RewardService restart seen through the pid in its reports (a kill between calls fails
+        no call)."""
+        old = self._reward_pids.get(i)
+        if old is not None and pid != old:
+            self.events["reward_restarts"] += 1
+            log.warning("RewardService %d was restarted (pid %s -> %s)", i, old, pid)
+        self._reward_pids[i] = pid
 
     def _collect_step(self) -> _StepState:
         """Roll out and score chunks until `train_batch_size x n` trajectories survive (or the chunk cap hits).
@@ -306,42 +338,57 @@ class Trainer:
                 self._submit(sb, self._next_worker % len(self.workers))
                 self._next_worker += 1
                 inflight.append(sb)
-            ready, _ = ray.wait([sb.score_ref for sb in waiting if sb.score_ref is not None], num_returns=1)
-            sb = next(s for s in inflight if s.score_ref == ready[0])
-            inflight.remove(sb)
-            try:
-                res = ray.get(sb.score_ref)
-            except ray.exceptions.RayActorError as e:  # the reward service died: roll out and score again
-                self.events["reward_restarts"] += 1
-                log.warning("RewardService died while scoring chunk %d (%s); re-queued", sb.chunk, e)
-                res = {"failed": [0], "error": str(e)}
-            if res.get("failed"):
-                self.events["requeued_subbatches"] += 1
-                self._recover_worker(sb.worker)
-                log.warning(
-                    "rollout of %d groups (chunk %d) failed on worker %d: %s; re-queued (attempt %d)",
-                    len(sb.groups),
-                    sb.chunk,
-                    sb.worker,
-                    str(res.get("error", "actor died"))[:300],
-                    sb.attempts + 1,
-                )
-                if sb.attempts > cfg.trainer.max_actor_restarts + 1:
-                    raise RuntimeError(
-                        f"chunk {sb.chunk} failed {sb.attempts} times; last error: {res.get('error')}"
-                    )
-                sb.ref = sb.score_ref = None
-                pending.appendleft(sb)
+            # Wait for the next streamed group of any sub-batch, or the next score report.
+            objs = [sb.ref for sb in waiting if sb.ref is not None and not sb.stream_done]
+            objs += [r for sb in waiting for r in sb.scoring]
+            (obj,), _ = ray.wait(objs, num_returns=1)
+            if isinstance(obj, ray.ObjectRefGenerator):
+                sb = next(s for s in inflight if s.ref is obj)
+                try:
+                    self._score(sb, next(obj))
+                except StopIteration:
+                    sb.stream_done = True
+            else:
+                sb = next(s for s in inflight if obj in s.scoring)
+                sc = sb.scoring.pop(obj)
+                try:
+                    res = ray.get(obj)
+                except ray.exceptions.RayActorError as e:  # the reward service died: score it again
+                    self.events["reward_restarts"] += 1
+                    self._reward_pids[sc.service] = None
+                    log.warning("RewardService died while scoring chunk %d (%s); scoring again", sb.chunk, e)
+                    if sc.tries > cfg.trainer.max_actor_restarts + 1:
+                        raise RuntimeError(
+                            f"scoring a group of chunk {sb.chunk} failed {sc.tries} times: {e}"
+                        ) from None
+                    self._score(sb, sc.group_ref, sc.tries + 1)
+                    continue
+                self._reward_pid(sc.service, res.get("pid"))
+                if res.get("failed"):
+                    self._requeue(sb, str(res.get("error", "actor died")), inflight, pending)
+                    continue
+                sb.results.append((res, sc.group_ref, sc.traj_refs))
+            if not sb.stream_done or sb.scoring:
                 continue
+            if len(sb.results) != len(sb.groups):  # the stream ended early: its worker failed
+                self._requeue(
+                    sb, f"{len(sb.results)} of {len(sb.groups)} groups came back", inflight, pending
+                )
+                continue
+            inflight.remove(sb)
             consumed.add(sb.chunk)
-            base = len(st.summaries)
-            st.accepted.extend((base + i, std, ref) for i, std, ref in res["accepted"])
-            st.summaries.extend(res["summaries"])
-            st.rollouts.append((base, sb.ref))
-            for k, v in res.get("judge", {}).items():
-                st.judge[k] = st.judge.get(k, 0) + v
-            for k, v in res["drops"].items():
-                st.drops[k] = st.drops.get(k, 0) + v
+            order = {gid: k for k, (_, _, gid) in enumerate(sb.groups)}  # merged in chunk order
+            for res, group_ref, traj_refs in sorted(
+                sb.results, key=lambda r: order.get(r[0]["summaries"][0]["group_id"], 0)
+            ):
+                base = len(st.summaries)
+                st.accepted.extend((base + i, std, traj_refs[i]) for i, std in res["accepted"])
+                st.summaries.extend(res["summaries"])
+                st.rollouts.append((base, group_ref))
+                for k, v in res.get("judge", {}).items():
+                    st.judge[k] = st.judge.get(k, 0) + v
+                for k, v in res["drops"].items():
+                    st.drops[k] = st.drops.get(k, 0) + v
         leftover = inflight + list(pending)
         if leftover and cfg.trainer.max_staleness >= 1:
             self._carry = leftover
@@ -352,6 +399,34 @@ class Trainer:
         st.chunks = len(consumed)
         st.t_rollout_wait = time.perf_counter() - t0
         return st
+
+    def _requeue(self, sb: _SubBatch, error: str, inflight: list, pending: deque) -> None:
+        """A rollout failed (its worker died or raised): recover the worker and roll the sub-batch again
+        with the same seed."""
+        self.events["requeued_subbatches"] += 1
+        self._recover_worker(sb.worker)
+        log.warning(
+            "rollout of %d groups (chunk %d) failed on worker %d: %s; re-queued (attempt %d)",
+            len(sb.groups),
+            sb.chunk,
+            sb.worker,
+            error[:300],
+            sb.attempts + 1,
+        )
+        if sb.attempts > self.cfg.trainer.max_actor_restarts + 1:
+            raise RuntimeError(f"chunk {sb.chunk} failed {sb.attempts} times; last error: {error}")
+        sb.ref, sb.scoring, sb.results = None, {}, []
+        inflight.remove(sb)
+        pending.appendleft(sb)
+
+    def _finish_streams(self) -> None:
+        """Weights change only between rollouts: before a sync, let the rollouts still streaming (a
+        prefetched chunk) finish, so no trajectory mixes two weight versions."""
+        import ray
+
+        done = [sb.ref.completed() for sb in self._carry if sb.ref is not None and not sb.stream_done]
+        if done:
+            ray.wait(done, num_returns=len(done))
 
     def _prefetch(self) -> None:
         """With max_staleness >= 1, keep the workers busy with the next step's first chunk while the
@@ -405,8 +480,8 @@ class Trainer:
         import ray
 
         for sb in leftover:
-            if sb.score_ref is not None:
-                ray.cancel(sb.score_ref, force=False)
+            if sb.ref is not None:
+                ray.cancel(sb.ref, force=False)
         first = min(leftover, key=lambda sb: sb.chunk)
         self.cursor.load_state(first.cursor_start)
         self.chunk_seq = first.chunk
@@ -471,6 +546,7 @@ class Trainer:
         t_train = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.version += 1
+        self._finish_streams()
         self.learners.sync_weights(self.workers, self.version)
         t_sync = time.perf_counter() - t0
         self.step += 1

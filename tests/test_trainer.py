@@ -296,3 +296,41 @@ def test_one_step_off_rollouts_are_bounded(tmp_path, tiny_model_dir, ray_local):
     rows = read_metrics(cfg.run_dir())
     assert [r["staleness_max"] for r in rows] == [0, 1, 1]
     assert all(r["filter/groups_trained"] == 2 for r in rows)
+
+
+@pytest.mark.slow
+def test_killing_the_reward_service_after_it_scored_loses_no_group(tmp_path, tiny_model_dir, ray_local):
+    """SIGKILL the RewardService after it scored a step and before the learner fetched the trajectories:
+    they are returns of calls the driver made (the driver owns them), so the step still trains on all of
+    them with nothing rolled out again, and the restart is counted when the next reports come back."""
+    import ray
+
+    from pyvision_rl.trainer import Trainer
+
+    cfg = load_config(REPO / "configs/tiny_cpu.yaml", tiny_overrides(tmp_path, tiny_model_dir, steps=2))
+    tr = Trainer(cfg)
+    collect, killed = tr._collect_step, []
+
+    def collect_then_kill():
+        st = collect()
+        if not killed:
+            pid = tr._reward_pids[0]
+            os.kill(pid, signal.SIGKILL)  # only the service this trainer started, by its pid
+            killed.append(pid)
+            time.sleep(1.0)
+        return st
+
+    tr._collect_step = collect_then_kill
+    try:
+        m1 = tr.train_one_step()
+        m2 = tr.train_one_step()
+        new_pid = tr._reward_pids[0]
+    finally:
+        tr.shutdown()
+    assert killed and new_pid != killed[0]
+    for m in (m1, m2):
+        assert m["filter/groups_trained"] == 2 and m["filter/trajectories_trained"] > 0
+        assert m["rollout/count"] == m["chunks_used"] * 4 * 4 and math.isfinite(m["train/loss"])
+    assert m1["events/requeued_subbatches"] == m2["events/requeued_subbatches"] == 0
+    assert m1["events/reward_restarts"] == 0 and m2["events/reward_restarts"] == 1
+    assert ray.is_initialized()

@@ -10,6 +10,7 @@ object (the driver's ranking may split a group). Only small things go back to th
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import ray
@@ -100,6 +101,37 @@ class RewardService:
             "failed": [],
             "error": "",
         }
+
+    def score_group(self, refs: list, n: int) -> tuple:
+        """Score one streamed group of `n` trajectories (`refs`: [its ObjectRef]); call it with
+        `.options(num_returns=1 + n)`. Returns (report, t_0, ..., t_{n-1}).
+
+        The report is `score`'s without refs: `accepted` as [(index in the group, group_std)], plus this
+        process's `pid` (the driver counts restarts by it). `t_i` is `[trajectory i]` scored, with its
+        advantage, when it survived the filters, else None: returns of a call the driver made, so the
+        driver owns them and an accepted trajectory outlives this service.
+        """
+        none = (None,) * n
+        try:
+            trajs = list(ray.get(refs[0]))
+        except Exception as e:  # RayActorError, RayTaskError, OwnerDiedError...
+            return ({"failed": [0], "error": f"{type(e).__name__}: {e}"[:2000], "pid": os.getpid()}, *none)
+        if len(trajs) != n:
+            err = f"group of {len(trajs)} trajectories, expected {n}"
+            return ({"failed": [0], "error": err, "pid": os.getpid()}, *none)
+        batch = score_and_select(trajs, self.cfg, self.judge)
+        report = {
+            "accepted": [(i, trajs[i].group_std) for i in batch.survivors],
+            "summaries": batch.summaries,
+            "drops": batch.drops,
+            "judge": batch.judge,
+            "incomplete_groups": int(bool(self.group_size and n < self.group_size)),
+            "failed": [],
+            "error": "",
+            "pid": os.getpid(),
+        }
+        keep = set(batch.survivors)
+        return (report, *[[t] if i in keep else None for i, t in enumerate(trajs)])
 
     def summarize(self, refs: list) -> list[dict[str, Any]]:
         """Score (no filtering) the trajectories behind `refs` and return only their summaries: how the

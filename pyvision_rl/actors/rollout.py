@@ -1,6 +1,8 @@
-"""RolloutWorker: a Ray actor holding one GenerationEngine and the AgentLoop, executing code through
-SandboxPool actors shared with other workers. The trajectories it returns go to the object store; the
-driver only handles the ObjectRef.
+"""RolloutWorker: an async Ray actor holding one GenerationEngine and the AgentLoop, executing code through
+SandboxPool actors shared with other workers. All trajectories of all calls in flight on a worker are
+coroutines on its event loop, batched together by its engine. `rollout` is a streaming generator: each
+group goes to the object store the moment its last trajectory ends, as an ObjectRef owned by the caller
+(the driver), so it outlives this worker and whatever service scores it.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import ray
@@ -23,7 +25,8 @@ log = logging.getLogger(__name__)
 
 class PoolSandboxClient:
     """SandboxClient over SandboxPool actor handles: a trajectory id always maps to the same pool (stable
-    hash), so several RolloutWorkers can share pools. Calls block in the loop's execution threads."""
+    hash), so several RolloutWorkers can share pools. Each call awaits the pool's ObjectRef (no thread); an
+    `open` waiting for a free kernel waits in the pool, never blocking other trajectories."""
 
     def __init__(self, pools: list[Any]):
         if not pools:
@@ -33,14 +36,14 @@ class PoolSandboxClient:
     def _pool(self, traj_id: str) -> Any:
         return self.pools[zlib.crc32(traj_id.encode()) % len(self.pools)]
 
-    def open(self, traj_id: str, images: list[str], videos: list[str]) -> None:
-        ray.get(self._pool(traj_id).open.remote(traj_id, list(images), list(videos)))
+    async def open(self, traj_id: str, images: list[str], videos: list[str]) -> None:
+        await self._pool(traj_id).open.remote(traj_id, list(images), list(videos))
 
-    def execute(self, traj_id: str, code: str, timeout_s: float | None) -> ExecResult:
-        return ray.get(self._pool(traj_id).execute.remote(traj_id, code, timeout_s))
+    async def execute(self, traj_id: str, code: str, timeout_s: float | None) -> ExecResult:
+        return await self._pool(traj_id).execute.remote(traj_id, code, timeout_s)
 
-    def close(self, traj_id: str) -> None:
-        ray.get(self._pool(traj_id).close.remote(traj_id))
+    async def close(self, traj_id: str) -> None:
+        await self._pool(traj_id).close.remote(traj_id)
 
 
 def make_engine(cfg: Config, policy_path: str) -> GenerationEngine:
@@ -76,7 +79,7 @@ def make_engine(cfg: Config, policy_path: str) -> GenerationEngine:
 
 @ray.remote
 class RolloutWorker:
-    """Ray actor: engine + agent loop.
+    """Async Ray actor: engine + agent loop.
 
     `RolloutWorker.remote(policy_path, cfg, sandbox_pools)`: `cfg` is a Config or its dict; `sandbox_pools`
     are SandboxPool handles (empty: an in-process sandbox from `cfg.sandbox`). The processor is the
@@ -109,12 +112,8 @@ class RolloutWorker:
             processor = load_processor(
                 policy_path, min_pixels=self.cfg.model.min_pixels, max_pixels=self.cfg.model.max_pixels
             )
-        # This worker's share of the kernel slots: more live trajectories than slots would deadlock
-        # (each holds its kernel until it ends and turns are synchronous across the batch).
-        sb = self.cfg.sandbox
-        slots = sb.max_kernels * (max(1, len(sandbox_pools)) if sandbox_pools else 1)
-        share = max(1, slots // max(1, self.cfg.rollout.num_workers)) if sandbox_pools else sb.max_kernels
-        common = dict(exec_timeout_s=sb.timeout_s, max_live=share)
+        # No cap on live trajectories: one waiting for a kernel waits in the pool without holding up others.
+        common = dict(exec_timeout_s=self.cfg.sandbox.timeout_s)
         self.loop = AgentLoop(self.engine, client, processor, self.cfg.rollout, **common)
         ev = self.cfg.eval
         self.eval_loop = AgentLoop(
@@ -132,31 +131,28 @@ class RolloutWorker:
     def _expand(groups: list[tuple[Task, int, str]]) -> list[tuple[Task, str]]:
         return [(task, gid) for task, n, gid in groups for _ in range(int(n))]
 
-    def _run(
-        self, loop: AgentLoop, groups: list[tuple[Task, int, str]], version: int | None, seed: int | None
-    ) -> list[Trajectory]:
+    def _version(self, version: int | None) -> int:
         if version is not None and version != self.engine.version:
             # The trajectories carry the version the engine really serves, so staleness stays visible.
             log.warning(
                 "rollout asked for weight version %s but the engine serves %s", version, self.engine.version
             )
-        trajs = loop.run(self._expand(groups), version=self.engine.version, seed=seed)
-        stats = dict(loop.last_stats)
-        for t in trajs:
-            t.timings.setdefault("batch_total_s", stats.get("total_s", 0.0))
-        return trajs
+        return self.engine.version
 
-    def rollout(
+    async def rollout(
+        self, groups: list[tuple[Task, int, str]], version: int | None = None, seed: int | None = None
+    ) -> AsyncIterator[list[Trajectory]]:
+        """n trajectories per (task, n, group_id), training sampling settings: a streaming generator that
+        yields each group (a list of n trajectories) as it completes. `.remote()` returns an
+        ObjectRefGenerator whose refs the caller owns."""
+        async for group in self.loop.stream_groups(self._expand(groups), self._version(version), seed):
+            yield group
+
+    async def evaluate(
         self, groups: list[tuple[Task, int, str]], version: int | None = None, seed: int | None = None
     ) -> list[Trajectory]:
-        """n trajectories per (task, n, group_id), training sampling settings. Call with `.remote()`."""
-        return self._run(self.loop, groups, version, seed)
-
-    def evaluate(
-        self, groups: list[tuple[Task, int, str]], version: int | None = None, seed: int | None = None
-    ) -> list[Trajectory]:
-        """Like `rollout` with the eval settings (eval.max_turns, eval.temperature, eval.feed_errors)."""
-        return self._run(self.eval_loop, groups, version, seed)
+        """All groups at once, with the eval settings (eval.max_turns, eval.temperature, eval.feed_errors)."""
+        return await self.eval_loop.run_async(self._expand(groups), self._version(version), seed)
 
     def update_weights(self, weights: NamedTensors, version: int) -> None:
         """Load new weights (a state dict / (name, tensor) pairs; may be a subset) into the engine."""
@@ -168,10 +164,6 @@ class RolloutWorker:
 
     def version(self) -> int:
         return int(self.engine.version)
-
-    def stats(self) -> dict[str, float]:
-        """Wall times of the last rollout: generate_s, sandbox_s, framework_s, turns, trajectories."""
-        return dict(self.loop.last_stats)
 
     def sleep(self) -> None:
         self.engine.sleep()

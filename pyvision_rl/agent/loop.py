@@ -1,18 +1,25 @@
-"""The multi-turn agent loop: many trajectories, one batched generate per turn, code run in the sandbox.
+"""The multi-turn agent loop: one coroutine per trajectory, each awaiting its own model turn and its own cell.
+
+Each trajectory submits its next turn the moment its own sandbox call returns: the engine batches whatever
+requests are pending (no waves, no barrier between trajectories), and code runs while other trajectories
+generate. A trajectory that needs a kernel while every slot is taken waits for one without blocking the
+others (the holders never wait on it, so this cannot deadlock).
 
 Token-in-token-out: prompt ids are rendered once, the model's sampled ids are appended as they came
 (minus any vision special token it generated, which has no image features), observations are appended as
 ids rendered from the protocol strings (loss mask 0, logprob 0). Images are encoded with the policy's
 processor; an observation with images is appended only when it fits in `max_total_len` and
 `max_images`, so a vision block in the context always has its image. Every trajectory is checked at the
-end: its vision-token groups must equal its images' grids (`vision_ok`).
+end: its vision-token groups must equal its images' grids (`vision_ok`). Sampling is seeded per (chunk
+seed, trajectory, turn), so a trajectory's tokens do not depend on what else is in flight.
 
-Limits, in the order they are checked after each model turn:
+End reasons (`after_model_turn` and `after_execution`, pure functions, decide them):
   OVER_LENGTH        the context reached `max_total_len`, or the turn was cut by the length budget, or an
                      observation (text or images) would not fit;
   ERROR_IN_ACTION    the turn hit `max_new_tokens` (the release treats this as a malformed action); no code
                      and no answer, or a Python error/timeout, when `feed_errors` is off (with it on, the
-                     error text is fed back, as in evaluation); a sandbox failure (one trajectory only);
+                     error text is fed back, as in evaluation);
+  SANDBOX_ERROR      the sandbox itself failed (not the model's code): never trained on, counted;
   DONE               a closed `<answer>` block (it wins over code in the same turn, as in the release);
   EXCEED_MAX_TURNS   a code (or malformed, with feed_errors) turn was the `max_turns`-th: not executed;
   EXCEED_MAX_IMAGES  the figures of an execution would take the trajectory past `max_images`.
@@ -20,14 +27,15 @@ Limits, in the order they are checked after each model turn:
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pyvision_rl.agent.protocol import (
     DEFAULT_SYSTEM_PROMPT,
@@ -35,7 +43,6 @@ from pyvision_rl.agent.protocol import (
     IMAGE_TEMPLATE_KEY,
     TIMEOUT_ERROR_MESSAGE,
     VIDEO_TEMPLATE_KEY,
-    Action,
     ChatTokens,
     build_image_prompt,
     build_video_prompt,
@@ -52,50 +59,70 @@ log = logging.getLogger(__name__)
 
 
 class SandboxClient(Protocol):
-    """What the loop needs from a sandbox: one persistent kernel per trajectory id.
+    """What the loop needs from a sandbox: one persistent kernel per trajectory id, awaited.
 
-    `execute` returns an ExecResult for Python errors and timeouts; it may raise for a sandbox failure,
-    which ends that one trajectory. Implementations must be thread-safe (the loop executes concurrently).
+    `open` may wait for a free kernel; `execute` returns an ExecResult for Python errors and timeouts
+    (`sandbox_error` set when the sandbox itself failed); either may raise for a sandbox failure, which
+    ends that one trajectory with SANDBOX_ERROR.
     """
 
-    def open(self, traj_id: str, images: list[str], videos: list[str]) -> None: ...
+    async def open(self, traj_id: str, images: list[str], videos: list[str]) -> None: ...
 
-    def execute(self, traj_id: str, code: str, timeout_s: float | None) -> ExecResult: ...
+    async def execute(self, traj_id: str, code: str, timeout_s: float | None) -> ExecResult: ...
 
-    def close(self, traj_id: str) -> None: ...
+    async def close(self, traj_id: str) -> None: ...
 
 
 class LocalSandboxClient:
-    """A SandboxClient over an in-process `Sandbox` (`pyvision_rl.sandbox.base.make_sandbox`)."""
+    """A SandboxClient over an in-process `Sandbox` (`pyvision_rl.sandbox.base.make_sandbox`).
 
-    def __init__(self, sandbox: Any):
+    At most `max_kernels` (default: the sandbox's `cfg.max_kernels`) kernels are open at once: a
+    trajectory waits for a slot on the event loop, and the blocking kernel calls run in that many threads.
+    """
+
+    def __init__(self, sandbox: Any, max_kernels: int | None = None):
         self.sandbox = sandbox
+        self.max_kernels = max(1, max_kernels or getattr(getattr(sandbox, "cfg", None), "max_kernels", 32))
         self._kernels: dict[str, Any] = {}
-        self._lock = threading.Lock()
+        self._threads = ThreadPoolExecutor(self.max_kernels, thread_name_prefix="sandbox-client")
+        self._slots: tuple[Any, asyncio.Semaphore] | None = None
 
-    def open(self, traj_id: str, images: list[str], videos: list[str]) -> None:
-        kernel = self.sandbox.open(images=list(images), videos=list(videos))
-        with self._lock:
-            old = self._kernels.pop(traj_id, None)
-            self._kernels[traj_id] = kernel
-        if old is not None:
-            old.close()
+    def _slot(self) -> asyncio.Semaphore:
+        # asyncio primitives bind to one event loop; `AgentLoop.run` starts a new loop per call.
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots[0] is not loop:
+            self._slots = (loop, asyncio.Semaphore(self.max_kernels))
+        return self._slots[1]
 
-    def execute(self, traj_id: str, code: str, timeout_s: float | None) -> ExecResult:
-        with self._lock:
-            kernel = self._kernels.get(traj_id)
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+
+    async def open(self, traj_id: str, images: list[str], videos: list[str]) -> None:
+        await self.close(traj_id)
+        slot = self._slot()
+        await slot.acquire()
+        try:
+            self._kernels[traj_id] = await self._call(self.sandbox.open, list(images), list(videos))
+        except BaseException:
+            slot.release()
+            raise
+
+    async def execute(self, traj_id: str, code: str, timeout_s: float | None) -> ExecResult:
+        kernel = self._kernels.get(traj_id)
         if kernel is None:
             raise KeyError(f"no kernel open for trajectory {traj_id!r}")
-        return kernel.execute(code, timeout_s=timeout_s)
+        return await self._call(kernel.execute, code, timeout_s)
 
-    def close(self, traj_id: str) -> None:
-        with self._lock:
-            kernel = self._kernels.pop(traj_id, None)
+    async def close(self, traj_id: str) -> None:
+        kernel = self._kernels.pop(traj_id, None)
         if kernel is not None:
-            kernel.close()
+            try:
+                await self._call(kernel.close)
+            finally:
+                self._slot().release()
 
 
-# ---------------------------------------------------------------- loop
+# ---------------------------------------------------------------- settings and decisions
 
 
 @dataclass
@@ -113,8 +140,7 @@ class LoopSettings:
     prompt_template: str = ""
     exec_timeout_s: float | None = None  # None: the sandbox's own timeout_s
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
-    max_exec_threads: int = 32
-    max_live: int = 0  # trajectories run at once (0: all); the RolloutWorker sets its share of kernel slots
+    max_live: int = 0  # trajectories in flight at once (0: all); bounds memory, never needed for progress
 
     @classmethod
     def from_config(cls, rollout_cfg: Any, **overrides: Any) -> LoopSettings:
@@ -131,17 +157,64 @@ class LoopSettings:
         return cls(**base)
 
 
+Next = Literal["execute", "format_error", "feed_error", "observe"]
+
+
+def after_model_turn(
+    s: LoopSettings, finish_reason: str, action: str, n_turns: int, context_len: int, capped: bool
+) -> EndReason | Next:
+    """What follows a model turn: an end reason, "execute" its code, or "format_error" (fed back).
+
+    `action` is the parsed kind ("code" | "answer" | "none"), `n_turns` counts this turn, `context_len`
+    includes it, `capped`: the turn's token cap was cut below `max_new_tokens` by the length budget."""
+    if finish_reason == "length":
+        return (
+            EndReason.OVER_LENGTH if capped or context_len >= s.max_total_len else EndReason.ERROR_IN_ACTION
+        )
+    if action == "answer":
+        return EndReason.DONE
+    if context_len >= s.max_total_len:
+        return EndReason.OVER_LENGTH
+    if action == "none" and not s.feed_errors:
+        return EndReason.ERROR_IN_ACTION
+    if n_turns >= s.max_turns:
+        return EndReason.EXCEED_MAX_TURNS
+    return "format_error" if action == "none" else "execute"
+
+
+def after_execution(
+    s: LoopSettings, result: ExecResult | None, n_images: int, crashed: bool = False
+) -> EndReason | Next:
+    """What follows an execution: an end reason, "feed_error" (its error fed back) or "observe".
+
+    `result` is None (or `crashed`) when the sandbox call raised; `n_images`: the trajectory's images
+    before this result's figures."""
+    if crashed or result is None or result.sandbox_error:
+        return EndReason.SANDBOX_ERROR
+    if not result.ok:
+        return "feed_error" if s.feed_errors else EndReason.ERROR_IN_ACTION
+    if result.images and n_images + len(result.images) > s.max_images:
+        return EndReason.EXCEED_MAX_IMAGES
+    return "observe"
+
+
+def turn_seed(seed: int | None, request_id: str, turn: int) -> int | None:
+    """The sampling seed of one turn of one trajectory (None: unseeded)."""
+    if seed is None:
+        return None
+    return zlib.crc32(f"{seed}:{request_id}:{turn}".encode())
+
+
+# ---------------------------------------------------------------- loop
+
+
 @dataclass
 class _Live:
     traj: Trajectory
     task: Task
     ids: list[int]
-    n_inputs: int
     kind: str  # "image" | "video" | "text"
     kernel_open: bool = False
-    code: str | None = None
-    result: ExecResult | None = None
-    crash: str | None = None
     t0: float = field(default_factory=time.perf_counter)
 
 
@@ -150,12 +223,13 @@ def _rid(task: Task, group_id: str, i: int) -> str:
 
 
 class AgentLoop:
-    """Runs trajectories turn by turn with one batched `engine.generate` over all live ones per turn.
+    """Rolls out trajectories, one coroutine each, against a batching GenerationEngine and a SandboxClient.
 
     engine: a GenerationEngine; sandbox_client: a SandboxClient (LocalSandboxClient, or the pool client in
     `actors/rollout.py`); processor: the policy's processor (tokenizer + image processor);
     rollout_cfg: a RolloutConfig, dict or LoopSettings (overrides as keywords).
-    After `run`, `last_stats` holds the run's wall times: generate_s, sandbox_s, framework_s, turns.
+    After a run, `last_stats` holds: total_s (wall), turns, trajectories, and generate_s / sandbox_s (time
+    trajectories spent awaiting the engine / the sandbox, summed over trajectories).
     """
 
     def __init__(
@@ -175,11 +249,17 @@ class AgentLoop:
         self.settings = LoopSettings.from_config(rollout_cfg, **overrides)
         if self.settings.system_prompt == "":  # config spelling of "no system block"
             self.settings.system_prompt = None
+        s = self.settings
+        self.sampling = SamplingParams(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            max_new_tokens=s.max_new_tokens,
+            stop=["</code>"],
+            logprobs=True,
+        )
         self.chat = ChatTokens(self.tokenizer)
         self.merge = merge_size_of(processor)
-        self._pool = ThreadPoolExecutor(
-            max_workers=max(1, self.settings.max_exec_threads), thread_name_prefix="agent-exec"
-        )
         self.last_stats: dict[str, float] = {}
         self._grid_cache: dict[tuple[int, int], tuple[int, int, int]] = {}
         keys = load_templates()
@@ -188,8 +268,7 @@ class AgentLoop:
         self.video_key = (f"{tpl}_video" if f"{tpl}_video" in keys else tpl) if tpl else VIDEO_TEMPLATE_KEY
 
     def close(self) -> None:
-        """Stop the execution threads."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Nothing to release (kept for callers that close loops)."""
 
     # ------------------------------------------------------------ prompts
     def _image_tokens(self, images: Sequence[bytes]) -> list[tuple[int, int, int]]:
@@ -243,44 +322,71 @@ class AgentLoop:
         text = build_image_prompt(task.question, 0, 0, self.image_key).removeprefix("<image>\n")
         return self.chat.prompt_ids(text, [], self.settings.system_prompt), [], "text"
 
-    # ------------------------------------------------------------ run
+    # ------------------------------------------------------------ runs
     def run(
         self, tasks_with_group_ids: Sequence[tuple[Task, str]], version: int = 0, seed: int | None = None
     ) -> list[Trajectory]:
-        """Roll out one trajectory per (task, group_id), in order. Never raises for one bad trajectory
-        (a missing file or a sandbox failure ends that trajectory); engine errors propagate.
+        """`run_async` from synchronous code (starts an event loop; not from inside a running one)."""
+        return asyncio.run(self.run_async(tasks_with_group_ids, version, seed))
 
-        At most `max_live` trajectories run at once (waves): every live trajectory may hold a kernel until
-        it ends, and turns are synchronous, so more live trajectories than kernel slots would wait on
-        each other forever."""
-        items = list(tasks_with_group_ids)
-        cap = self.settings.max_live
-        if not cap or len(items) <= cap:
-            return self._run_wave(items, version, seed, {})
-        counters: dict[str, int] = {}
-        out: list[Trajectory] = []
-        total: dict[str, float] = {}
-        for w, i in enumerate(range(0, len(items), cap)):
-            wave_seed = None if seed is None else seed + 7919 * w
-            out.extend(self._run_wave(items[i : i + cap], version, wave_seed, counters))
-            for k, v in self.last_stats.items():
-                total[k] = total.get(k, 0.0) + v
-        self.last_stats = total
-        return out
-
-    def _run_wave(
-        self,
-        tasks_with_group_ids: Sequence[tuple[Task, str]],
-        version: int,
-        seed: int | None,
-        counters: dict[str, int],
+    async def run_async(
+        self, tasks_with_group_ids: Sequence[tuple[Task, str]], version: int = 0, seed: int | None = None
     ) -> list[Trajectory]:
+        """Roll out one trajectory per (task, group_id), all concurrently; returns them in input order.
+        Never raises for one bad trajectory (a missing file or a sandbox failure ends that trajectory);
+        engine errors propagate."""
+        out: list[Trajectory | None] = [None] * len(tasks_with_group_ids)
+        async for idx, group in self._stream(tasks_with_group_ids, version, seed):
+            for i, t in zip(idx, group, strict=True):
+                out[i] = t
+        return out  # type: ignore[return-value]
+
+    async def stream_groups(
+        self, tasks_with_group_ids: Sequence[tuple[Task, str]], version: int = 0, seed: int | None = None
+    ) -> AsyncIterator[list[Trajectory]]:
+        """Like `run_async`, but yields each group (its trajectories in input order) as soon as its last
+        trajectory ends. Stopping early cancels the rest (their kernels are closed)."""
+        async for _, group in self._stream(tasks_with_group_ids, version, seed):
+            yield group
+
+    async def _stream(
+        self, items: Sequence[tuple[Task, str]], version: int, seed: int | None
+    ) -> AsyncIterator[tuple[list[int], list[Trajectory]]]:
         t_start = time.perf_counter()
-        stats = {"generate_s": 0.0, "sandbox_s": 0.0, "prompt_s": 0.0, "turns": 0.0, "generate_calls": 0.0}
+        stats = {"generate_s": 0.0, "sandbox_s": 0.0, "turns": 0.0}
+        lives = self._start(items, version)
+        members: dict[str, list[int]] = {}
+        for i, (_, gid) in enumerate(items):
+            members.setdefault(gid, []).append(i)
+        left = {gid: len(ix) for gid, ix in members.items()}
+        gate = asyncio.Semaphore(self.settings.max_live) if self.settings.max_live > 0 else None
+        tasks = {
+            asyncio.ensure_future(self._trajectory(lv, seed, stats, gate)): i for i, lv in enumerate(lives)
+        }
+        pending = set(tasks)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for fut in sorted(done, key=tasks.__getitem__):
+                    fut.result()  # engine errors propagate
+                    gid = items[tasks[fut]][1]
+                    left[gid] -= 1
+                    if not left[gid]:
+                        yield members[gid], [lives[i].traj for i in members[gid]]
+        finally:
+            for fut in pending:
+                fut.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            stats["total_s"] = time.perf_counter() - t_start
+            stats["trajectories"] = float(len(items))
+            self.last_stats = stats
+
+    def _start(self, items: Sequence[tuple[Task, str]], version: int) -> list[_Live]:
         prompts: dict[str, Any] = {}
-        all_live: list[_Live] = []
-        done: list[_Live] = []
-        for task, gid in tasks_with_group_ids:
+        counters: dict[str, int] = {}
+        lives = []
+        for task, gid in items:
             i = counters.get(gid, 0)
             counters[gid] = i + 1
             traj = Trajectory(
@@ -291,10 +397,12 @@ class AgentLoop:
                 ground_truth=str(task.answer),
                 data_source=task.data_source,
             )
+            # The verifiers read the row's extra (options, tolerances) and the question (LLM judge).
+            traj.extra.update(task.extra)
+            traj.extra.setdefault("question", task.question)
             traj.extra["request_id"] = _rid(task, gid, i)
-            live = _Live(traj=traj, task=task, ids=[], n_inputs=0, kind="text")
-            all_live.append(live)
-            tp = time.perf_counter()
+            live = _Live(traj=traj, task=task, ids=[], kind="text")
+            lives.append(live)
             try:
                 key = task.id + "\0" + "\0".join(task.images + task.videos)
                 if key not in prompts:
@@ -303,32 +411,116 @@ class AgentLoop:
             except Exception as e:  # noqa: BLE001 - a bad row costs its trajectory only
                 log.warning("task %s: cannot build the prompt (%s: %s)", task.id, type(e).__name__, e)
                 traj.extra["error"] = f"prompt: {type(e).__name__}: {e}"
-                traj.end_reason = EndReason.ERROR_IN_ACTION
                 traj.vision_ok = False
-                done.append(live)
+                live.kind = "error"
                 continue
-            stats["prompt_s"] += time.perf_counter() - tp
             traj.prompt_ids = list(ids)
             traj.images = list(refs)
-            live.ids, live.n_inputs, live.kind = list(ids), len(refs), kind
-        active = [lv for lv in all_live if lv not in done]
-        try:
-            while active:
-                active = self._turn(active, done, stats, seed)
-        finally:
-            self._close_all(all_live)
-        for lv in all_live:
-            self._finish(lv)
-        total = time.perf_counter() - t_start
-        stats["total_s"] = total
-        stats["framework_s"] = max(0.0, total - stats["generate_s"] - stats["sandbox_s"])
-        stats["trajectories"] = float(len(all_live))
-        self.last_stats = stats
-        return [lv.traj for lv in all_live]
+            live.ids, live.kind = list(ids), kind
+        return lives
 
-    def _end(self, lv: _Live, reason: EndReason, done: list[_Live]) -> None:
-        lv.traj.end_reason = reason
-        done.append(lv)
+    # ------------------------------------------------------------ one trajectory
+    async def _trajectory(self, lv: _Live, seed: int | None, stats: dict, gate: asyncio.Semaphore | None):
+        if lv.kind == "error":  # the prompt could not be built
+            lv.traj.end_reason = EndReason.ERROR_IN_ACTION
+            self._finish(lv)
+            return
+        if gate is not None:
+            async with gate:
+                await self._turns(lv, seed, stats)
+        else:
+            await self._turns(lv, seed, stats)
+
+    async def _turns(self, lv: _Live, seed: int | None, stats: dict) -> None:
+        t = lv.traj
+        rid = t.extra["request_id"]
+        try:
+            while True:
+                reason = await self._one_turn(lv, rid, seed, stats)
+                if reason is not None:
+                    t.end_reason = reason
+                    return
+        finally:
+            if lv.kernel_open:
+                try:
+                    await asyncio.shield(self.sandbox.close(rid))
+                except Exception as e:  # noqa: BLE001 - closing must not lose the trajectory
+                    log.warning("closing kernel %s failed: %s", rid, e)
+            self._finish(lv)
+
+    async def _one_turn(self, lv: _Live, rid: str, seed: int | None, stats: dict) -> EndReason | None:
+        """One model turn and what follows it; returns the end reason, or None to go on."""
+        s, t = self.settings, lv.traj
+        budget = s.max_total_len - len(lv.ids)
+        if budget <= 0:
+            return EndReason.OVER_LENGTH
+        req = GenerationRequest(
+            prompt_ids=list(lv.ids),
+            images=[r.png for r in t.images],
+            request_id=rid,
+            max_new_tokens=min(budget, s.max_new_tokens),
+        )
+        tg = time.perf_counter()
+        out = await self.engine.generate(req, replace(self.sampling, seed=turn_seed(seed, rid, t.n_turns)))
+        dt = time.perf_counter() - tg
+        stats["generate_s"] += dt
+        stats["turns"] += 1
+        t.timings["generate_s"] = t.timings.get("generate_s", 0.0) + dt
+        ids, lps, removed = self.chat.strip_vision_tokens(out.token_ids, out.logprobs or None)
+        if removed:
+            t.extra["removed_vision_tokens"] = t.extra.get("removed_vision_tokens", 0) + removed
+        self._append(lv, ids, lps if lps is not None else [0.0] * len(ids), model=True)
+        t.n_turns += 1
+        action = parse_action(self.chat.decode(ids)) if out.finish_reason != "length" else None
+        nxt = after_model_turn(
+            s,
+            out.finish_reason,
+            action.kind if action else "none",
+            t.n_turns,
+            len(lv.ids),
+            capped=(req.max_new_tokens or s.max_new_tokens) < s.max_new_tokens,
+        )
+        if nxt == EndReason.DONE:
+            t.final_answer = action.answer  # type: ignore[union-attr]
+        if isinstance(nxt, EndReason):
+            return nxt
+        if nxt == "format_error":
+            t.extra["format_errors"] = t.extra.get("format_errors", 0) + 1
+            return self._observe_error(lv, FORMAT_ERROR_MESSAGE)
+        return await self._execute(lv, rid, action.code or "", stats)  # type: ignore[union-attr]
+
+    async def _execute(self, lv: _Live, rid: str, code: str, stats: dict) -> EndReason | None:
+        s, t = self.settings, lv.traj
+        t.n_tool_attempts += 1
+        t0 = time.perf_counter()
+        res, crash = None, None
+        try:
+            if not lv.kernel_open:
+                lv.kernel_open = True  # closed at the end even if opening failed half-way
+                await self.sandbox.open(rid, list(lv.task.images), list(lv.task.videos))
+            res = await self.sandbox.execute(rid, code, s.exec_timeout_s)
+        except Exception as e:  # noqa: BLE001 - a sandbox failure costs this trajectory only
+            crash = f"{type(e).__name__}: {e}"
+        dt = time.perf_counter() - t0
+        stats["sandbox_s"] += dt
+        t.timings["sandbox_s"] = t.timings.get("sandbox_s", 0.0) + dt
+        nxt = after_execution(s, res, len(t.images), crashed=crash is not None)
+        if nxt == EndReason.SANDBOX_ERROR:
+            t.extra["sandbox_error"] = crash or (res.error if res is not None else None) or "sandbox failure"
+            log.warning("trajectory %s: sandbox failure: %s", rid, t.extra["sandbox_error"])
+            return nxt
+        assert res is not None
+        if res.ok:
+            t.n_tool_calls += 1
+        else:
+            t.extra["exec_errors"] = t.extra.get("exec_errors", 0) + 1
+        if isinstance(nxt, EndReason):
+            return nxt
+        if nxt == "feed_error":
+            return self._observe_error(
+                lv, res.error or (TIMEOUT_ERROR_MESSAGE if res.timed_out else "Unknown error")
+            )
+        return self._observe(lv, res)
 
     def _append(self, lv: _Live, ids: list[int], logprobs: list[float] | None, model: bool) -> None:
         t = lv.traj
@@ -337,170 +529,43 @@ class AgentLoop:
         t.rollout_logprobs.extend(logprobs if (model and logprobs is not None) else [0.0] * len(ids))
         lv.ids.extend(ids)
 
-    def _turn(self, active: list[_Live], done: list[_Live], stats: dict, seed: int | None) -> list[_Live]:
-        s = self.settings
-        reqs, batch = [], []
-        for lv in active:
-            budget = s.max_total_len - len(lv.ids)
-            if budget <= 0:
-                self._end(lv, EndReason.OVER_LENGTH, done)
-                continue
-            reqs.append(
-                GenerationRequest(
-                    prompt_ids=list(lv.ids),
-                    images=[r.png for r in lv.traj.images],
-                    request_id=lv.traj.extra["request_id"],
-                    max_new_tokens=min(budget, s.max_new_tokens),
-                )
-            )
-            batch.append(lv)
-        if not batch:
-            return []
-        sampling = SamplingParams(
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            max_new_tokens=s.max_new_tokens,
-            stop=["</code>"],
-            logprobs=True,
-            seed=None if seed is None else seed + int(stats["turns"]),
-        )
-        tg = time.perf_counter()
-        outs = self.engine.generate(reqs, sampling)
-        dt = time.perf_counter() - tg
-        stats["generate_s"] += dt
-        stats["generate_calls"] += 1
-        stats["turns"] += 1
-        if len(outs) != len(reqs):
-            raise RuntimeError(f"engine returned {len(outs)} outputs for {len(reqs)} requests")
-
-        to_exec: list[_Live] = []
-        for lv, req, out in zip(batch, reqs, outs, strict=True):
-            t = lv.traj
-            t.timings["generate_s"] = t.timings.get("generate_s", 0.0) + dt
-            ids, lps, removed = self.chat.strip_vision_tokens(out.token_ids, out.logprobs or None)
-            if removed:
-                t.extra["removed_vision_tokens"] = t.extra.get("removed_vision_tokens", 0) + removed
-            self._append(lv, ids, lps if lps is not None else [0.0] * len(ids), model=True)
-            t.n_turns += 1
-            if out.finish_reason == "length":
-                capped = (req.max_new_tokens or s.max_new_tokens) < s.max_new_tokens
-                self._end(
-                    lv,
-                    EndReason.OVER_LENGTH
-                    if capped or len(lv.ids) >= s.max_total_len
-                    else EndReason.ERROR_IN_ACTION,
-                    done,
-                )
-                continue
-            action: Action = parse_action(self.chat.decode(ids))
-            if action.kind == "answer":
-                t.final_answer = action.answer
-                self._end(lv, EndReason.DONE, done)
-                continue
-            if len(lv.ids) >= s.max_total_len:
-                self._end(lv, EndReason.OVER_LENGTH, done)
-                continue
-            if action.kind == "none":
-                if not s.feed_errors:
-                    self._end(lv, EndReason.ERROR_IN_ACTION, done)
-                elif t.n_turns >= s.max_turns:
-                    self._end(lv, EndReason.EXCEED_MAX_TURNS, done)
-                else:
-                    t.extra["format_errors"] = t.extra.get("format_errors", 0) + 1
-                    self._observe_error(lv, FORMAT_ERROR_MESSAGE, done)
-                continue
-            if t.n_turns >= s.max_turns:
-                self._end(lv, EndReason.EXCEED_MAX_TURNS, done)
-                continue
-            lv.code, lv.result, lv.crash = action.code, None, None
-            to_exec.append(lv)
-
-        if to_exec:
-            ts = time.perf_counter()
-            list(self._pool.map(self._exec_one, to_exec))
-            stats["sandbox_s"] += time.perf_counter() - ts
-            for lv in to_exec:
-                self._observe(lv, done)
-        done_ids = {id(lv) for lv in done}
-        return [lv for lv in batch if id(lv) not in done_ids]
-
-    def _exec_one(self, lv: _Live) -> None:
-        """Run the live trajectory's code (opening its kernel on first use); never raises."""
-        rid = lv.traj.extra["request_id"]
-        t0 = time.perf_counter()
-        try:
-            if not lv.kernel_open:
-                lv.kernel_open = True
-                self.sandbox.open(rid, list(lv.task.images), list(lv.task.videos))
-            lv.result = self.sandbox.execute(rid, lv.code or "", self.settings.exec_timeout_s)
-        except Exception as e:  # noqa: BLE001 - a sandbox failure costs this trajectory only
-            lv.crash = f"{type(e).__name__}: {e}"
-        lv.traj.timings["sandbox_s"] = lv.traj.timings.get("sandbox_s", 0.0) + time.perf_counter() - t0
-
-    def _observe_error(self, lv: _Live, message: str, done: list[_Live]) -> None:
+    def _observe_error(self, lv: _Live, message: str) -> EndReason | None:
         obs = self.chat.error_ids(message)
         if len(lv.ids) + len(obs) > self.settings.max_total_len:
-            self._end(lv, EndReason.OVER_LENGTH, done)
-            return
+            return EndReason.OVER_LENGTH
         self._append(lv, obs, None, model=False)
+        return None
 
-    def _observe(self, lv: _Live, done: list[_Live]) -> None:
-        s, t, res = self.settings, lv.traj, lv.result
-        t.n_tool_attempts += 1
-        if lv.crash is not None or res is None:
-            log.warning("trajectory %s: sandbox failure: %s", t.extra["request_id"], lv.crash)
-            t.extra["sandbox_error"] = lv.crash
-            self._end(lv, EndReason.ERROR_IN_ACTION, done)
-            return
-        if not res.ok:
-            t.extra["exec_errors"] = t.extra.get("exec_errors", 0) + 1
-            if not s.feed_errors:
-                self._end(lv, EndReason.ERROR_IN_ACTION, done)
-                return
-            msg = res.error or (TIMEOUT_ERROR_MESSAGE if res.timed_out else "Unknown error")
-            self._observe_error(lv, msg, done)
-            return
-        t.n_tool_calls += 1
+    @staticmethod
+    def _tool(lv: _Live) -> str:
+        """Which of the release's tools renders this trajectory's observations."""
+        return "video" if lv.kind == "video" else "image"
+
+    def _observe(self, lv: _Live, res: ExecResult) -> EndReason | None:
+        s, t = self.settings, lv.traj
         if not res.images:
-            obs = self.chat.observation_ids(res.stdout)
+            obs = self.chat.observation_ids(res.stdout, kind=self._tool(lv))
             if len(lv.ids) + len(obs) > s.max_total_len:
-                self._end(lv, EndReason.OVER_LENGTH, done)
-                return
+                return EndReason.OVER_LENGTH
             self._append(lv, obs, None, model=False)
-            return
-        if len(t.images) + len(res.images) > s.max_images:
-            self._end(lv, EndReason.EXCEED_MAX_IMAGES, done)
-            return
+            return None
         try:
             grids = self._image_tokens(res.images)
-        except Exception as e:  # noqa: BLE001 - an undecodable figure ends this trajectory only
+        except Exception as e:  # noqa: BLE001 - an undecodable figure is the sandbox's failure
             t.extra["sandbox_error"] = f"figure could not be decoded: {e}"
-            self._end(lv, EndReason.ERROR_IN_ACTION, done)
-            return
+            return EndReason.SANDBOX_ERROR
         first = len(t.images)  # image_clue_k counts on after the inputs (video: from 0)
-        obs = self.chat.observation_ids(res.stdout, [self._n_tokens(g) for g in grids], first_index=first)
+        tokens = [self._n_tokens(g) for g in grids]
+        obs = self.chat.observation_ids(res.stdout, tokens, first_index=first, kind=self._tool(lv))
         # Checked before appending: the image tokens never enter the context without their images.
         if len(lv.ids) + len(obs) > s.max_total_len:
-            self._end(lv, EndReason.OVER_LENGTH, done)
-            return
+            return EndReason.OVER_LENGTH
         self._append(lv, obs, None, model=False)
         t.images.extend(
             ImageRef(png=b, grid_thw=tuple(g), source="tool") for b, g in zip(res.images, grids, strict=True)
         )
         t.n_tool_images += len(res.images)
-
-    def _close_all(self, lives: list[_Live]) -> None:
-        opened = [lv for lv in lives if lv.kernel_open]
-
-        def close(lv: _Live) -> None:
-            try:
-                self.sandbox.close(lv.traj.extra["request_id"])
-            except Exception as e:  # noqa: BLE001 - closing must not lose the batch
-                log.warning("closing kernel %s failed: %s", lv.traj.extra["request_id"], e)
-
-        if opened:
-            list(self._pool.map(close, opened))
+        return None
 
     def _finish(self, lv: _Live) -> None:
         from pyvision_rl.models.processing import check_vision_tokens
@@ -514,4 +579,4 @@ class AgentLoop:
         t.visual_tokens = self.chat.count_image_tokens(full)
         t.response_text = self.chat.decode(t.response_ids)
         t.timings["total_s"] = time.perf_counter() - lv.t0
-        t.extra.setdefault("kind", lv.kind)
+        t.extra["kind"] = lv.kind if lv.kind != "error" else "text"

@@ -7,7 +7,7 @@ the real loop and sandbox: the scripted text is tokenized once, as if the model 
 
 from __future__ import annotations
 
-import time
+import asyncio
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -38,7 +38,7 @@ class ScriptedEngine(GenerationEngine):
         self.delay_s = delay_s
         self.version = 0
         self.turns: dict[str, int] = defaultdict(int)
-        self.calls: list[int] = []  # batch size of every generate call (tests check batching)
+        self.calls: list[str] = []  # the request id of every generate call, in call order
         self._im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self._cache: dict[str, list[int]] = {}
 
@@ -63,39 +63,35 @@ class ScriptedEngine(GenerationEngine):
             self._cache[text] = ids
         return ids
 
-    def generate(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[GenerationOutput]:
-        """Return each request's next scripted turn (one call serves the whole batch)."""
-        self.calls.append(len(requests))
+    async def generate(self, request: GenerationRequest, sampling: SamplingParams) -> GenerationOutput:
+        """Return the request's next scripted turn (after `delay_s`, awaited: other requests go on)."""
+        req = request
+        self.calls.append(req.request_id)
         if self.delay_s:
-            time.sleep(self.delay_s)
-        outs = []
-        for req in requests:
-            turn = self.turns[req.request_id]
-            self.turns[req.request_id] += 1
-            text = self.responder(req.request_id, turn)
-            finish = "eos"
-            cut = min((text.find(s) + len(s) for s in sampling.stop if s and s in text), default=-1)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-            ids = self._encode(text)
-            if finish == "eos":
-                ids = ids + [self._im_end]
-            cap = (
-                sampling.max_new_tokens
-                if req.max_new_tokens is None
-                else min(sampling.max_new_tokens, req.max_new_tokens)
-            )
-            if len(ids) > cap:
-                ids, finish = ids[:cap], "length"
-            outs.append(
-                GenerationOutput(
-                    token_ids=ids,
-                    logprobs=[self.logprob] * len(ids),
-                    finish_reason=finish,
-                    text=self.tokenizer.decode(ids, skip_special_tokens=False),
-                )
-            )
-        return outs
+            await asyncio.sleep(self.delay_s)
+        turn = self.turns[req.request_id]
+        self.turns[req.request_id] += 1
+        text = self.responder(req.request_id, turn)
+        finish = "eos"
+        cut = min((text.find(s) + len(s) for s in sampling.stop if s and s in text), default=-1)
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+        ids = self._encode(text)
+        if finish == "eos":
+            ids = ids + [self._im_end]
+        cap = (
+            sampling.max_new_tokens
+            if req.max_new_tokens is None
+            else min(sampling.max_new_tokens, req.max_new_tokens)
+        )
+        if len(ids) > cap:
+            ids, finish = ids[:cap], "length"
+        return GenerationOutput(
+            token_ids=ids,
+            logprobs=[self.logprob] * len(ids),
+            finish_reason=finish,
+            text=self.tokenizer.decode(ids, skip_special_tokens=False),
+        )
 
     def update_weights(self, weights: NamedTensors, version: int) -> None:
         """Nothing to load; records the version."""

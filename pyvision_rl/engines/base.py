@@ -2,6 +2,9 @@
 
 Engines never see text protocols: the agent loop gives them the full context as token ids (with the
 context's images, in order of their vision blocks) and gets back the sampled ids of one assistant turn.
+One request per `await engine.generate(request, sampling)`: each trajectory's coroutine awaits its own
+turn, and the engine batches internally across every request pending at once (continuous batching in
+vLLM's AsyncLLM, a request-level batcher in the HF engine).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ class SamplingParams:
     `temperature=0` is greedy. `stop` strings end the turn and stay in the output (`</code>`);
     the turn terminators `<|im_end|>`/eos always end it. `logprobs`: return the log-prob of each sampled
     token under the temperature-scaled, special-token-suppressed distribution (what the learner recomputes).
+    `seed`: this request's own sampling seed (the agent loop derives one per chunk, trajectory and turn), so
+    its tokens do not depend on which other requests share its batch; None draws from the engine's RNG.
     """
 
     temperature: float = 1.0
@@ -66,8 +71,9 @@ class GenerationEngine(abc.ABC):
     version: int = 0
 
     @abc.abstractmethod
-    def generate(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[GenerationOutput]:
-        """Sample one turn for every request (one batched call); outputs are in request order."""
+    async def generate(self, request: GenerationRequest, sampling: SamplingParams) -> GenerationOutput:
+        """Sample one turn of one request. Call it concurrently (one coroutine per trajectory): the engine
+        batches whatever requests are pending and never blocks the event loop while it computes."""
 
     @abc.abstractmethod
     def update_weights(self, weights: NamedTensors, version: int) -> None:

@@ -1,15 +1,29 @@
 """HFEngine: the GenerationEngine on transformers `generate` (the CPU default; also works on one GPU).
 
+A request-level continuous batcher: every `await generate(request)` joins a queue; one scheduler task
+takes whatever is pending (up to `max_batch`) as one batched `model.generate` in a worker thread (the
+event loop stays free), and the requests that arrive meanwhile form the next batch the moment it returns.
+transformers' own continuous batching (`generate_batch` / `ContinuousBatchingManager`, 5.x) takes token
+ids only - no pixel values, no `mm_token_type_ids` (Qwen-VL's 3-D rope positions), no per-request stop
+strings or logits processors - so it cannot serve Qwen-VL turns; a new request therefore waits for the
+running batch to finish, never for a whole wave.
+
 Batched with left padding (Qwen-VL's multimodal positions are correct under left padding), images encoded
 by the one shared helper (`models.processing.build_forward_inputs`, which also supplies
 `mm_token_type_ids`), every special token except the turn terminators suppressed while sampling (the same
 mask the learner applies), stop strings kept in the output, and per-token log-probs of the sampled tokens
-under the temperature-scaled, suppressed distribution — the quantity the learner recomputes.
+under the temperature-scaled, suppressed distribution - the quantity the learner recomputes. Each row
+samples with its own `torch.Generator` seeded by its request's `seed`, so a seeded request's tokens do not
+depend on the batch it lands in.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -36,17 +50,54 @@ class _Suppress:
         return scores.index_fill(-1, self.ids.to(scores.device), float("-inf"))
 
 
-class _TurnStop:
-    """Per-row stopping: a terminator token, a stop string (checked on the decoded tail of the new
-    tokens only) or the row's own token cap. Records where and why each row finished."""
+class _RowSampler:
+    """Logits processor that samples each row itself (temperature, top-k, top-p of that row's request, its
+    own generator) and leaves only the chosen token finite, so greedy decoding then emits it. Greedy rows
+    (temperature <= 0) are left to the argmax."""
 
-    def __init__(self, tokenizer: Any, prompt_len: int, caps: list[int], stops: list[str], eos_ids: set[int]):
+    def __init__(self, samplings: list[SamplingParams], device: torch.device):
+        self.samplings = samplings
+        self.gens: list[torch.Generator | None] = []
+        for s in samplings:
+            g = None
+            if s.temperature > 0 and s.seed is not None:
+                g = torch.Generator(device=device)
+                g.manual_seed(int(s.seed) & 0xFFFF_FFFF_FFFF)
+            self.gens.append(g)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        out = scores.clone()
+        for b, s in enumerate(self.samplings):
+            if s.temperature <= 0:
+                continue
+            lg = scores[b].float() / s.temperature
+            if s.top_k and s.top_k > 0:
+                kth = torch.topk(lg, min(s.top_k, lg.shape[-1])).values[-1]
+                lg = lg.masked_fill(lg < kth, float("-inf"))
+            if s.top_p < 1.0:
+                srt, idx = torch.sort(lg, descending=True)
+                cum = torch.softmax(srt, -1).cumsum(-1)
+                drop = cum - torch.softmax(srt, -1) >= s.top_p  # keep the smallest prefix reaching top_p
+                lg = lg.index_fill(-1, idx[drop], float("-inf"))
+            tok = torch.multinomial(torch.softmax(lg, -1), 1, generator=self.gens[b])
+            out[b].fill_(float("-inf"))
+            out[b, tok] = 0.0
+        return out
+
+
+class _TurnStop:
+    """Per-row stopping: a terminator token, one of the row's stop strings (checked on the decoded tail of
+    the new tokens only) or the row's own token cap. Records where and why each row finished."""
+
+    def __init__(
+        self, tokenizer: Any, prompt_len: int, caps: list[int], stops: list[list[str]], eos_ids: set[int]
+    ):
         self.tok = tokenizer
         self.prompt_len = prompt_len
         self.caps = caps
-        self.stops = [s for s in stops if s]
+        self.stops = [[s for s in row if s] for row in stops]
         # Enough tokens to cover any stop string (each token is at least one character).
-        self.window = max((len(s) for s in self.stops), default=1) + 1
+        self.windows = [max((len(s) for s in row), default=1) + 1 for row in self.stops]
         self.eos_ids = eos_ids
         self.finished_at: list[int | None] = [None] * len(caps)
         self.reason: list[str] = ["length"] * len(caps)
@@ -62,9 +113,10 @@ class _TurnStop:
             reason = None
             if last in self.eos_ids:
                 reason = "eos"
-            elif self.stops:
-                tail = self.tok.decode(input_ids[b, max(self.prompt_len, input_ids.shape[1] - self.window) :])
-                if any(s in tail for s in self.stops):
+            elif self.stops[b]:
+                lo = max(self.prompt_len, input_ids.shape[1] - self.windows[b])
+                tail = self.tok.decode(input_ids[b, lo:])
+                if any(s in tail for s in self.stops[b]):
                     reason = "stop"
             if reason is None and n_new >= self.caps[b]:
                 reason = "length"
@@ -79,7 +131,9 @@ class HFEngine(GenerationEngine):
     """transformers generation over a Qwen-VL checkpoint dir.
 
     `model_path`: a checkpoint directory loadable by `models.load_policy`. `model`/`processor` may be
-    passed instead (tests, or sharing a model already in memory).
+    passed instead (tests, or sharing a model already in memory). `max_batch`: the most requests one
+    batched forward takes. `busy_s`, `batches` and `batched_requests` count the engine's work (benchmarks
+    read them).
     """
 
     def __init__(
@@ -91,6 +145,7 @@ class HFEngine(GenerationEngine):
         processor: Any = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        max_batch: int = 64,
     ):
         from pyvision_rl.models.processing import special_ids, suppressed_token_ids
 
@@ -109,6 +164,7 @@ class HFEngine(GenerationEngine):
         self.tokenizer = processor.tokenizer
         self.device = torch.device(device)
         self.version = 0
+        self.max_batch = max(1, int(max_batch))
         sp = special_ids(self.tokenizer)
         self.eos_ids = {sp["im_end"], sp["endoftext"]}
         self.pad_id = (
@@ -116,88 +172,130 @@ class HFEngine(GenerationEngine):
         )
         vocab = int(model.get_output_embeddings().weight.shape[0])
         self.suppress_ids = torch.tensor(suppressed_token_ids(self.tokenizer, vocab), dtype=torch.long)
+        # One thread runs the model: torch work never blocks the event loop, and weight updates (from any
+        # thread) take the same lock, so a batch never sees half-updated weights.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
+        self._model_lock = threading.Lock()
+        self._pending: list[tuple[GenerationRequest, SamplingParams, asyncio.Future]] = []
+        self._scheduler: asyncio.Task | None = None
+        self.busy_s = 0.0
+        self.batches = 0
+        self.batched_requests = 0
+
+    async def generate(self, request: GenerationRequest, sampling: SamplingParams) -> GenerationOutput:
+        """Sample one turn; batched with every other request pending on this engine."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        self._pending.append((request, sampling, fut))
+        sched = self._scheduler
+        if sched is None or sched.done() or sched.get_loop() is not loop:
+            # (a scheduler of a finished event loop, e.g. an earlier `asyncio.run`, is replaced)
+            self._pending = [p for p in self._pending if p[2].get_loop() is loop]
+            self._scheduler = loop.create_task(self._schedule())
+        return await fut
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0)  # let every coroutine that is ready queue its request first
+            self._pending = [p for p in self._pending if not p[2].done()]  # cancelled waiters
+            if not self._pending:
+                return
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            try:
+                outs = await loop.run_in_executor(
+                    self._executor, self._generate_batch, [b[0] for b in batch], [b[1] for b in batch]
+                )
+            except Exception as e:  # noqa: BLE001 - the batch's callers get the error
+                for *_, f in batch:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            for (*_, f), o in zip(batch, outs, strict=True):
+                if not f.done():
+                    f.set_result(o)
 
     @torch.no_grad()
-    def generate(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[GenerationOutput]:
-        """Sample one turn for all requests in one batched `generate` call."""
+    def _generate_batch(
+        self, requests: list[GenerationRequest], samplings: list[SamplingParams]
+    ) -> list[GenerationOutput]:
+        """One batched `generate` over requests with their own sampling params (runs in the engine thread)."""
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         from pyvision_rl.models.processing import build_forward_inputs
 
-        if not requests:
-            return []
         caps = [
-            max(
-                0,
-                sampling.max_new_tokens
-                if r.max_new_tokens is None
-                else min(r.max_new_tokens, sampling.max_new_tokens),
-            )
-            for r in requests
+            max(0, s.max_new_tokens if r.max_new_tokens is None else min(r.max_new_tokens, s.max_new_tokens))
+            for r, s in zip(requests, samplings, strict=True)
         ]
-        outs: list[GenerationOutput | None] = [None] * len(requests)
+        outs: list[GenerationOutput | None] = [
+            GenerationOutput([], [], "length", "") if c == 0 else None for c in caps
+        ]
         live = [i for i, c in enumerate(caps) if c > 0]
-        for i in range(len(requests)):
-            if caps[i] == 0:
-                outs[i] = GenerationOutput([], [], "length", "")
         if not live:
             return outs  # type: ignore[return-value]
-        inputs = build_forward_inputs(
-            self.processor,
-            [requests[i].prompt_ids for i in live],
-            [list(requests[i].images) for i in live],
-            pad_side="left",
-            pad_id=self.pad_id,
-            device=self.device,
-        )
-        prompt_len = inputs["input_ids"].shape[1]
-        stopper = _TurnStop(self.tokenizer, prompt_len, [caps[i] for i in live], sampling.stop, self.eos_ids)
-        greedy = sampling.temperature <= 0
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        gen_kwargs: dict[str, Any] = dict(
-            max_new_tokens=max(caps[i] for i in live),
-            do_sample=not greedy,
-            logits_processor=LogitsProcessorList([_Suppress(self.suppress_ids)]),
-            stopping_criteria=StoppingCriteriaList([stopper]),
-            eos_token_id=sorted(self.eos_ids),
-            pad_token_id=self.pad_id,
-            return_dict_in_generate=True,
-            output_logits=sampling.logprobs,
-        )
-        if not greedy:
-            # top_k=0 / top_p=1.0: true sampling (transformers' default top_k=50 is not)
-            gen_kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
-        else:
-            gen_kwargs.update(temperature=None, top_k=None, top_p=None)
-        res = self.model.generate(**inputs, **gen_kwargs)
+        t0 = time.perf_counter()
+        with self._model_lock:
+            inputs = build_forward_inputs(
+                self.processor,
+                [requests[i].prompt_ids for i in live],
+                [list(requests[i].images) for i in live],
+                pad_side="left",
+                pad_id=self.pad_id,
+                device=self.device,
+            )
+            prompt_len = inputs["input_ids"].shape[1]
+            rows = [samplings[i] for i in live]
+            stopper = _TurnStop(
+                self.tokenizer, prompt_len, [caps[i] for i in live], [s.stop for s in rows], self.eos_ids
+            )
+            want_lps = any(s.logprobs for s in rows)
+            res = self.model.generate(
+                **inputs,
+                max_new_tokens=max(caps[i] for i in live),
+                do_sample=False,  # the row sampler picks each token; greedy decoding emits it
+                temperature=None,
+                top_k=None,
+                top_p=None,
+                logits_processor=LogitsProcessorList(
+                    [_Suppress(self.suppress_ids), _RowSampler(rows, self.device)]
+                ),
+                stopping_criteria=StoppingCriteriaList([stopper]),
+                eos_token_id=sorted(self.eos_ids),
+                pad_token_id=self.pad_id,
+                return_dict_in_generate=True,
+                output_logits=want_lps,
+            )
         seqs = res.sequences[:, prompt_len:].cpu()
-        temp = sampling.temperature if sampling.temperature > 0 else 1.0
-        lps_all = self._logprobs(res.logits, seqs, temp) if sampling.logprobs else None
+        temps = torch.tensor([s.temperature if s.temperature > 0 else 1.0 for s in rows]).unsqueeze(-1)
+        lps_all = self._logprobs(res.logits, seqs, temps) if want_lps else None
         for row, i in enumerate(live):
             n = stopper.finished_at[row]
             if n is None:
                 n = min(caps[i], seqs.shape[1])
             ids = [int(t) for t in seqs[row, :n]]
-            lps = [float(x) for x in lps_all[row, :n]] if lps_all is not None else [0.0] * n
+            keep = lps_all is not None and rows[row].logprobs
+            lps = [float(x) for x in lps_all[row, :n]] if keep else [0.0] * n
             outs[i] = GenerationOutput(
                 token_ids=ids,
                 logprobs=lps,
                 finish_reason=stopper.reason[row],  # type: ignore[arg-type]
                 text=self.tokenizer.decode(ids, skip_special_tokens=False),
             )
+        self.busy_s += time.perf_counter() - t0
+        self.batches += 1
+        self.batched_requests += len(live)
         return outs  # type: ignore[return-value]
 
     def _logprobs(
-        self, logits: tuple[torch.Tensor, ...], seqs: torch.Tensor, temperature: float
+        self, logits: tuple[torch.Tensor, ...], seqs: torch.Tensor, temperatures: torch.Tensor
     ) -> torch.Tensor:
-        """log p(sampled token) per step from the raw logits, with the sampler's mask and temperature."""
+        """log p(sampled token) per step from the raw logits, with the sampler's mask and each row's
+        temperature (`temperatures`: (B, 1))."""
         out = torch.zeros(seqs.shape, dtype=torch.float32)
         idx = self.suppress_ids
         for step, lg in enumerate(logits):  # one (B, V) tensor per step: never materialise (T, B, V)
-            lg = lg.float().cpu()
-            if temperature != 1.0:
-                lg = lg / temperature
+            lg = lg.float().cpu() / temperatures
             lg = lg.index_fill(-1, idx[idx < lg.shape[-1]], float("-inf"))
             tok = seqs[:, step].unsqueeze(-1)
             out[:, step] = lg.gather(-1, tok).squeeze(-1) - torch.logsumexp(lg, dim=-1)
@@ -205,20 +303,26 @@ class HFEngine(GenerationEngine):
 
     @torch.no_grad()
     def update_weights(self, weights: NamedTensors, version: int) -> None:
-        """Copy new weights into the model in place (names as in `model.state_dict()`); unknown names raise."""
-        state = self.model.state_dict()
-        n = 0
-        for name, value in named_tensors(weights):
-            if name not in state:
-                raise KeyError(
-                    f"update_weights: parameter {name!r} is not in the engine's model "
-                    "(the learner and rollout checkpoints differ?)"
-                )
-            t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-            state[name].copy_(t.to(dtype=state[name].dtype, device=state[name].device))
-            n += 1
-        self.version = int(version)
-        log.debug("HFEngine: loaded %d tensors, version %d", n, version)
+        """Copy new weights into the model in place (names as in `model.state_dict()`); unknown names raise.
+        Waits for a running batch to finish (the next batch starts with the new weights)."""
+        with self._model_lock:
+            state = self.model.state_dict()
+            n = 0
+            for name, value in named_tensors(weights):
+                if name not in state:
+                    raise KeyError(
+                        f"update_weights: parameter {name!r} is not in the engine's model "
+                        "(the learner and rollout checkpoints differ?)"
+                    )
+                t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+                state[name].copy_(t.to(dtype=state[name].dtype, device=state[name].device))
+                n += 1
+            self.version = int(version)
+            log.debug("HFEngine: loaded %d tensors, version %d", n, version)
+
+    def close(self) -> None:
+        """Stop the engine thread."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The served weights (tests compare them with the learner's)."""

@@ -1,15 +1,24 @@
 """AgentLoop with a ScriptedEngine (the policy's quality is not under test), the tiny model's processor and
-the real process sandbox (bwrap kernels)."""
+the real process sandbox (bwrap kernels); the end-reason decisions as tables."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
-from pyvision_rl.agent.loop import AgentLoop, LocalSandboxClient
+from pyvision_rl.agent.loop import (
+    AgentLoop,
+    LocalSandboxClient,
+    LoopSettings,
+    after_execution,
+    after_model_turn,
+)
 from pyvision_rl.agent.protocol import FORMAT_ERROR_MESSAGE, ChatTokens
 from pyvision_rl.agent.scripted import ScriptedEngine
 from pyvision_rl.config import RolloutConfig, SandboxConfig
-from pyvision_rl.types import EndReason, Task
+from pyvision_rl.types import EndReason, ExecResult, Task
 
 SHOW = (
     "plt.figure(figsize=(0.56, 0.56), dpi=100)\nplt.imshow(np.zeros((8, 8)))\nplt.axis('off')\nplt.show()\n"
@@ -54,9 +63,9 @@ def data(tmp_path_factory):
     return {t.extra["kind"]: t for t in tasks}
 
 
-def run(processor, sandbox, scripts: dict[str, list[str]], tasks: list[Task], n: int = 1, **cfg):
+def run(processor, sandbox, scripts: dict[str, list[str]], tasks: list[Task], n: int = 1, client=None, **cfg):
     engine = ScriptedEngine.from_turns(processor.tokenizer, scripts, logprob=-0.5)
-    client = LocalSandboxClient(sandbox)
+    client = client or LocalSandboxClient(sandbox)
     settings = dict(prompt_template="tiny_tool", max_total_len=4096, exec_timeout_s=8.0)
     settings.update(cfg)
     loop = AgentLoop(engine, client, processor, RolloutConfig(), **settings)
@@ -91,7 +100,7 @@ def test_multi_turn_with_images_through_the_real_sandbox(processor, sandbox, dat
         ]
     }
     trajs, engine, loop = run(processor, sandbox, scripts, [task], n=2)
-    assert engine.calls == [2, 2, 2], "one batched generate per turn over all live trajectories"
+    assert len(engine.calls) == 6, "one request per turn per trajectory"
     for t in trajs:
         check_invariants(t, processor)
         assert t.end_reason == EndReason.DONE and t.final_answer == "42"
@@ -115,7 +124,9 @@ def test_multi_turn_with_images_through_the_real_sandbox(processor, sandbox, dat
             )
             + 1
         )  # + <|im_end|>
-    assert loop.last_stats["turns"] == 3 and loop.last_stats["sandbox_s"] > 0
+    assert loop.last_stats["turns"] == 6 and loop.last_stats["sandbox_s"] > 0
+    assert trajs[0].extra["question"] == task.question and trajs[0].extra["kind"] == "image"
+    assert all(trajs[0].extra[k] == v for k, v in task.extra.items() if k != "kind"), "Task.extra is copied"
 
 
 @pytest.mark.parametrize("feed_errors", [False, True])
@@ -130,7 +141,7 @@ def test_python_errors_with_and_without_feed_errors(processor, sandbox, data, fe
         assert "<tool_response>" not in t.response_text
     else:
         assert t.end_reason == EndReason.DONE and t.n_tool_calls == 1 and t.n_tool_attempts == 2
-        assert "<interpreter>\nError: " in t.response_text and "ZeroDivisionError" in t.response_text
+        assert "<interpreter>Execution error: " in t.response_text and "ZeroDivisionError" in t.response_text
         assert "Text Result:\nrecovered</interpreter>" in t.response_text
 
 
@@ -224,7 +235,7 @@ def test_malformed_turns(processor, sandbox, data, turn, feed, reason):
     check_invariants(t, processor)
     assert t.end_reason == reason and t.n_tool_attempts == 0
     if feed:
-        assert f"<interpreter>\nError: {FORMAT_ERROR_MESSAGE}</interpreter>" in t.response_text
+        assert f"<interpreter>Error: {FORMAT_ERROR_MESSAGE}</interpreter>" in t.response_text
         assert t.final_answer == "3"
 
 
@@ -261,10 +272,12 @@ def test_a_sandbox_failure_or_bad_row_costs_one_trajectory(processor, sandbox, d
     task = data["color_count"]
 
     class Flaky(LocalSandboxClient):
-        def execute(self, traj_id, code, timeout_s):
+        async def execute(self, traj_id, code, timeout_s):
             if traj_id.endswith("#1"):
                 raise ConnectionError("sandbox pool died")
-            return super().execute(traj_id, code, timeout_s)
+            if traj_id.endswith("#2"):  # the sandbox layer reports its own failure
+                return ExecResult(error="KernelDied: box vanished", sandbox_error=True)
+            return await super().execute(traj_id, code, timeout_s)
 
     engine = ScriptedEngine.from_turns(
         processor.tokenizer, {task.id: [code("print(5)"), answer("5")], "missing": [answer("0")]}
@@ -276,22 +289,121 @@ def test_a_sandbox_failure_or_bad_row_costs_one_trajectory(processor, sandbox, d
     loop.close()
     assert [t.end_reason for t in trajs] == [
         EndReason.DONE,
-        EndReason.ERROR_IN_ACTION,
-        EndReason.DONE,
+        EndReason.SANDBOX_ERROR,  # never scored as the model's ERROR_IN_ACTION
+        EndReason.SANDBOX_ERROR,
         EndReason.ERROR_IN_ACTION,
     ]
     assert "sandbox pool died" in trajs[1].extra["sandbox_error"]
+    assert "KernelDied" in trajs[2].extra["sandbox_error"] and trajs[2].n_tool_calls == 0
     assert "prompt" in trajs[3].extra["error"] and not trajs[3].vision_ok
     assert client._kernels == {}
 
 
-def test_waves_bound_live_trajectories(processor, sandbox, data):
-    """With max_live=2, five two-turn trajectories run in waves of at most two (never more kernels
-    than slots: with synchronous turns that would deadlock) and all finish with distinct request ids."""
+class CountingClient(LocalSandboxClient):
+    """Records how many kernels were open at once and how many opens had to wait for a slot."""
+
+    def __init__(self, sandbox, max_kernels):
+        super().__init__(sandbox, max_kernels)
+        self.peak = self.waited = 0
+
+    async def open(self, traj_id, images, videos):
+        self.waited += self._slot().locked()
+        await super().open(traj_id, images, videos)
+        self.peak = max(self.peak, len(self._kernels))
+
+
+def test_more_live_trajectories_than_kernel_slots(processor, sandbox, data):
+    """Six two-turn trajectories over two kernel slots: each waits for a kernel without blocking the others
+    (no waves, no deadlock), never more than two kernels are open, and all finish."""
     task = data["color_count"]
-    scripts = {task.id: [code("x = 1\n" + SHOW + "print(x)"), answer("1")]}
-    trajs, engine, loop = run(processor, sandbox, scripts, [task], n=5, max_live=2)
-    assert engine.calls == [2, 2, 2, 2, 1, 1]
+    # each cell holds its kernel a while, so the trajectories really overlap and wait
+    scripts = {task.id: [code("import time\ntime.sleep(0.3)\nx = 1\n" + SHOW + "print(x)"), answer("1")]}
+    client = CountingClient(sandbox, max_kernels=2)
+    trajs, engine, loop = run(processor, sandbox, scripts, [task], n=6, client=client)
     assert all(t.end_reason == EndReason.DONE and t.n_tool_calls == 1 for t in trajs)
-    assert len({t.extra["request_id"] for t in trajs}) == 5
-    assert loop.last_stats["trajectories"] == 5
+    assert client.peak <= 2 and client.waited >= 4 and len({t.extra["request_id"] for t in trajs}) == 6
+    assert loop.last_stats["trajectories"] == 6 and len(engine.calls) == 12
+
+
+def test_each_trajectory_goes_on_when_its_own_cell_returns(processor, sandbox, data):
+    """A slow cell in one trajectory does not hold the others' next turns (the turn-synchronous loop made
+    every trajectory wait for the slowest cell of each turn)."""
+    task = data["color_count"]
+    fast = [code("print(1)"), code("print(2)"), code("print(3)"), answer("3")]
+    scripts = {f"{task.id}#slow": [code("import time\ntime.sleep(3)\nprint(0)"), answer("0")]}
+    scripts[f"{task.id}#fast"] = fast
+    engine = ScriptedEngine.from_turns(processor.tokenizer, scripts, delay_s=0.05)
+    loop = AgentLoop(
+        engine, LocalSandboxClient(sandbox), processor, RolloutConfig(), prompt_template="tiny_tool"
+    )
+    t0 = time.perf_counter()
+    slow, quick = loop.run([(task, "slow"), (task, "fast")])
+    assert slow.end_reason == quick.end_reason == EndReason.DONE and quick.n_tool_calls == 3
+    assert quick.timings["total_s"] < 2.5 < slow.timings["total_s"] < time.perf_counter() - t0 + 0.1
+
+
+def test_run_async_inside_a_running_loop(processor, sandbox, data):
+    task = data["color_count"]
+    engine = ScriptedEngine.from_turns(processor.tokenizer, {task.id: [answer("1")]})
+    loop = AgentLoop(
+        engine, LocalSandboxClient(sandbox), processor, RolloutConfig(), prompt_template="tiny_tool"
+    )
+
+    async def main():
+        groups = [g async for g in loop.stream_groups([(task, "a"), (task, "b"), (task, "a")])]
+        return groups
+
+    groups = asyncio.run(main())
+    assert sorted([t.group_id for t in g] for g in groups) == [["a", "a"], ["b"]]
+    assert [
+        t.extra["request_id"].rsplit("#", 1)[1] for t in groups[[g[0].group_id for g in groups].index("a")]
+    ] == [
+        "0",
+        "1",
+    ]
+
+
+S = LoopSettings(max_turns=3, max_total_len=100, max_images=4)
+SF = LoopSettings(max_turns=3, max_total_len=100, max_images=4, feed_errors=True)
+
+
+@pytest.mark.parametrize(
+    "s,finish,action,n_turns,ctx,capped,expected",
+    [
+        (S, "length", "none", 1, 50, False, EndReason.ERROR_IN_ACTION),  # hit max_new_tokens
+        (S, "length", "none", 1, 50, True, EndReason.OVER_LENGTH),  # cut by the total-length budget
+        (S, "length", "none", 1, 100, False, EndReason.OVER_LENGTH),
+        (S, "stop", "answer", 3, 100, False, EndReason.DONE),  # an answer wins over every limit
+        (S, "eos", "answer", 1, 10, False, EndReason.DONE),
+        (S, "stop", "code", 1, 100, False, EndReason.OVER_LENGTH),
+        (S, "eos", "none", 1, 10, False, EndReason.ERROR_IN_ACTION),
+        (SF, "eos", "none", 1, 10, False, "format_error"),
+        (SF, "eos", "none", 3, 10, False, EndReason.EXCEED_MAX_TURNS),
+        (S, "stop", "code", 3, 10, False, EndReason.EXCEED_MAX_TURNS),  # the max_turns-th code turn: not run
+        (S, "stop", "code", 2, 10, False, "execute"),
+    ],
+)
+def test_after_model_turn_table(s, finish, action, n_turns, ctx, capped, expected):
+    assert after_model_turn(s, finish, action, n_turns, ctx, capped) == expected
+
+
+PNG = b"png"
+
+
+@pytest.mark.parametrize(
+    "s,result,n_images,crashed,expected",
+    [
+        (S, None, 1, True, EndReason.SANDBOX_ERROR),
+        (S, ExecResult(error="KernelTimeout", sandbox_error=True), 1, False, EndReason.SANDBOX_ERROR),
+        (SF, ExecResult(error="box died", sandbox_error=True), 1, False, EndReason.SANDBOX_ERROR),
+        (S, ExecResult(error="ZeroDivisionError"), 1, False, EndReason.ERROR_IN_ACTION),
+        (S, ExecResult(timed_out=True), 1, False, EndReason.ERROR_IN_ACTION),
+        (SF, ExecResult(error="ZeroDivisionError"), 1, False, "feed_error"),
+        (SF, ExecResult(timed_out=True), 1, False, "feed_error"),
+        (S, ExecResult(stdout="1"), 1, False, "observe"),
+        (S, ExecResult(images=[PNG] * 3), 1, False, "observe"),
+        (S, ExecResult(images=[PNG] * 4), 1, False, EndReason.EXCEED_MAX_IMAGES),
+    ],
+)
+def test_after_execution_table(s, result, n_images, crashed, expected):
+    assert after_execution(s, result, n_images, crashed) == expected

@@ -68,10 +68,16 @@ def test_tiny_model_worker_rolls_out_image_and_video_groups(ray_cluster, cfg, po
     assert ray.get(w.ping.remote())["engine"] == "HFEngine"
     ray.get(w.set_version.remote(4))
     groups = [(t, 2, f"g{i}") for i, t in enumerate(tasks)]
-    ref = w.rollout.remote(groups, 4, 11)
-    assert isinstance(ref, ray.ObjectRef)
-    trajs = ray.get(ref)
-    assert len(trajs) == 6 and [t.group_id for t in trajs] == ["g0", "g0", "g1", "g1", "g2", "g2"]
+    stream = w.rollout.remote(groups, 4, 11)
+    refs = list(stream)  # one ObjectRef per group, in the order the groups completed
+    assert len(refs) == 3 and all(isinstance(r, ray.ObjectRef) for r in refs)
+    got = ray.get(refs)
+    assert sorted([t.group_id for t in g] for g in got) == [["g0", "g0"], ["g1", "g1"], ["g2", "g2"]]
+    trajs = [t for g in got for t in g]
+    # the same seed gives the same tokens, whatever else the engine batched with them
+    again = [t for r in w.rollout.remote(groups[:1], 4, 11) for t in ray.get(r)]
+    first = next(g for g in got if g[0].group_id == "g0")
+    assert [t.response_ids for t in again] == [t.response_ids for t in first]
     tok = load_processor(tiny_model_dir).tokenizer
     for t in trajs:
         _valid(t, tok)
@@ -87,10 +93,12 @@ def test_tiny_model_worker_rolls_out_image_and_video_groups(ray_cluster, cfg, po
     sd = load_file(str(tiny_model_dir / "model.safetensors"))
     name = next(k for k in sd if k.endswith("lm_head.weight"))
     ray.get(w.update_weights.remote({name: (sd[name] * 0.5).numpy()}, 5))
-    (t,) = ray.get(w.rollout.remote([(tasks[0], 1, "g9")], 5, 0))
+    ((t,),) = [ray.get(r) for r in w.rollout.remote([(tasks[0], 1, "g9")], 5, 0)]
     assert t.version == 5 and ray.get(w.version.remote()) == 5
     ray.get(w.shutdown.remote())
-    ray.kill(w)
+    ray.kill(w, no_restart=True)
+    # the streamed groups belong to the caller: they outlive the worker that produced them
+    assert [g[0].group_id for g in ray.get(refs)] == [g[0].group_id for g in got]
 
 
 def test_scripted_expert_workers_share_a_pool_and_solve_image_and_video_tasks(
@@ -115,11 +123,12 @@ def test_scripted_expert_workers_share_a_pool_and_solve_image_and_video_tasks(
         )
         for _ in range(2)
     ]
-    refs = [w.rollout.remote([(t, 2, f"w{k}-{t.id}") for t in tasks], 0, k) for k, w in enumerate(workers)]
+    streams = [w.rollout.remote([(t, 2, f"w{k}-{t.id}") for t in tasks], 0, k) for k, w in enumerate(workers)]
     from pyvision_rl.models import load_processor
 
     tok = load_processor(tiny_model_dir).tokenizer
-    for trajs in ray.get(refs):
+    for stream in streams:
+        trajs = [t for r in stream for t in ray.get(r)]
         assert len(trajs) == 6
         for t in trajs:
             _valid(t, tok)
@@ -132,3 +141,37 @@ def test_scripted_expert_workers_share_a_pool_and_solve_image_and_video_tasks(
     for w in workers:
         ray.get(w.shutdown.remote())
         ray.kill(w)
+
+
+def test_more_trajectories_than_the_pool_has_kernels(ray_cluster, cfg, tasks, tiny_model_dir):
+    """Twelve tool trajectories through a pool of two kernels: each waits for a kernel in the pool (no
+    deadlock, no waves), never more than two kernels are live, and every trajectory solves its task."""
+    from pyvision_rl.actors.rollout import RolloutWorker
+    from pyvision_rl.actors.sandbox import SandboxPool
+    from pyvision_rl.data.synthetic import expert_turns
+
+    turns = {t.id: expert_turns(t, use_tool=True) for t in tasks}
+
+    def factory(c, path):
+        from pyvision_rl.agent.scripted import ScriptedEngine
+        from pyvision_rl.models import load_processor
+
+        return ScriptedEngine.from_turns(load_processor(path).tokenizer, turns)
+
+    c = cfg.model_copy(deep=True)
+    c.rollout.max_new_tokens = 512
+    c.sandbox.max_kernels = 2
+    small = SandboxPool.remote(c.sandbox.model_dump(mode="json"))
+    w = RolloutWorker.options(num_cpus=0.5).remote(
+        str(tiny_model_dir), c.model_dump(mode="json"), [small], factory
+    )
+    try:
+        trajs = [t for r in w.rollout.remote([(t, 4, f"k-{t.id}") for t in tasks], 0, 0) for t in ray.get(r)]
+        assert len(trajs) == 12
+        assert all(t.end_reason == EndReason.DONE and t.n_tool_calls == 1 for t in trajs)
+        m = ray.get(small.metrics.remote())
+        assert m["sandbox/max_kernels"] == 2
+    finally:
+        ray.get(w.shutdown.remote())
+        ray.kill(w)
+        ray.get(small.shutdown.remote())
