@@ -7,6 +7,9 @@
     what it needs) versus uniform 1 fps sampling of the same videos at the same resolution, counted with
     the policy's processor. Two sets: the repo's synthetic `video_event` tasks (64x64, 3-6 s) and longer,
     larger synthetic videos of the same kind (closer to the paper's setting; it reports ~5K vs ~45K).
+(c) `--engines`: the agent-loop workload on the HF engine vs vLLM (tokens/s, trajectories/s), from the
+    vLLM venv: `make setup-vllm && .venv-vllm/bin/python benchmarks/rollout.py --engines
+    --model .cache/vllm-tiny-model` (writes benchmarks/results/rollout_engines.json).
 
 Usage: .venv/bin/python benchmarks/rollout.py [--n 16] [--reps 3] [--out benchmarks/results/rollout.json]
 """
@@ -238,13 +241,89 @@ def bench_video_tokens(processor, sandbox, tasks: list[Task], code_fn=None) -> d
     }
 
 
+# ---------------------------------------------------------------- (c) HF vs vLLM engines
+
+
+def bench_engines(model_dir: str, n_tasks: int, samples: int, reps: int, out: Path) -> int:
+    """The agent-loop workload (tiny model, sampled turns, format errors fed back, process sandbox) on the
+    HF engine and on vLLM; run from .venv-vllm (it has both). Model tokens/s and trajectories/s per engine."""
+    import asyncio
+
+    from pyvision_rl.data.synthetic import make_dataset
+    from pyvision_rl.engines.hf import HFEngine
+    from pyvision_rl.engines.vllm import VLLMEngine
+    from pyvision_rl.models import load_processor
+    from pyvision_rl.sandbox.base import make_sandbox
+
+    work = Path(tempfile.mkdtemp(prefix="bench-engines-"))
+    train, _ = make_dataset(work / "img", "color_count", n_tasks, 0, seed=0)
+    items = [(t, f"g{i}") for i, t in enumerate(load_rows(train)) for _ in range(samples)]
+    rcfg = RolloutConfig(max_turns=3, max_new_tokens=64, max_total_len=2048, feed_errors=True)
+    sb = make_sandbox(SandboxConfig(backend="process", warm_kernels=8, max_kernels=4 * len(items)))
+    processor = load_processor(model_dir)
+    result: dict = {"machine": {"cpus": os.cpu_count()}, "trajectories": len(items), "engines": {}}
+    try:
+        for name, build in (
+            ("hf", lambda: HFEngine(model_dir)),
+            ("vllm", lambda: VLLMEngine(model_dir, max_model_len=2048)),
+        ):
+            t0 = time.perf_counter()
+            engine = build()
+            start_s = time.perf_counter() - t0
+            loop = AgentLoop(engine, LocalSandboxClient(sb), processor, rcfg)
+            runs = []
+            for rep in range(reps + 1):  # the first run warms up (kernels, caches) and is not counted
+                t0 = time.perf_counter()
+                trajs = asyncio.run(loop.run_async(items, seed=None))
+                wall = time.perf_counter() - t0
+                tokens = sum(sum(t.loss_mask) for t in trajs)
+                if rep:
+                    runs.append(
+                        {"wall_s": wall, "model_tokens": tokens, "turns": sum(t.n_turns for t in trajs)}
+                    )
+            engine.close()
+            wall = statistics.median(r["wall_s"] for r in runs)
+            tokens = statistics.median(r["model_tokens"] for r in runs)
+            result["engines"][name] = {
+                "start_s": start_s,
+                "wall_s": wall,
+                "model_tokens": tokens,
+                "tokens_per_s": tokens / wall,
+                "trajectories_per_s": len(items) / wall,
+                "turns_per_run": statistics.median(r["turns"] for r in runs),
+                "runs": runs,
+            }
+    finally:
+        sb.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n(c) agent loop on HF vs vLLM ({len(items)} trajectories, tiny model, CPU, median of {reps})")
+    print(f"  {'engine':<8}{'start s':>9}{'wall s':>9}{'tokens':>9}{'tok/s':>9}{'traj/s':>9}{'turns':>7}")
+    for name, e in result["engines"].items():
+        print(
+            f"  {name:<8}{e['start_s']:>9.1f}{e['wall_s']:>9.2f}{e['model_tokens']:>9.0f}"
+            f"{e['tokens_per_s']:>9.0f}{e['trajectories_per_s']:>9.2f}{e['turns_per_run']:>7.0f}"
+        )
+    print(f"\nwrote {out}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--engines", action="store_true", help="only (c): HF vs vLLM (run from .venv-vllm)")
+    ap.add_argument("--model", default="", help="(c): tiny checkpoint dir (default: build one)")
     ap.add_argument("--n", type=int, default=16, help="trajectories per overhead run")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--videos", type=int, default=6)
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/rollout.json"))
     args = ap.parse_args()
+    if args.engines:
+        from pyvision_rl.models import make_tiny_model
+
+        model = args.model or str(make_tiny_model(Path(tempfile.mkdtemp(prefix="bench-tiny-")) / "tiny"))
+        return bench_engines(
+            model, args.n // 2, 4, args.reps, Path(args.out).with_name("rollout_engines.json")
+        )
 
     from pyvision_rl.data.synthetic import make_dataset
     from pyvision_rl.models import load_processor, make_tiny_model
