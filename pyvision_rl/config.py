@@ -113,7 +113,11 @@ class RolloutConfig(_Section):
     )
     worker_num_cpus: float = Field(1.0, description="CPUs reserved per RolloutWorker.")
     worker_num_gpus: float = Field(0.0, description="GPUs per RolloutWorker (vLLM).")
-    vllm_gpu_memory_utilization: float = Field(0.5, description="vLLM KV-cache share of GPU memory.")
+    vllm_gpu_memory_utilization: float = Field(
+        0.5,
+        description="Share of each rollout GPU vLLM may use (weights + KV cache; 0.85-0.9 on dedicated GPUs, "
+        "less when colocated with the learner). CPU: VLLM_CPU_KVCACHE_SPACE (GiB) sizes the KV cache instead.",
+    )
     vllm_tensor_parallel_size: int = Field(1, description="vLLM tensor parallel size per worker.")
     vllm_enable_sleep_mode: bool = Field(
         False, description="Sleep/wake vLLM around learner steps (colocated)."
