@@ -199,3 +199,20 @@ def test_requests_arriving_during_a_batch_form_the_next_one(engine, requests_):
     assert ticks > 3, "the event loop ran while the first batch was computing"
     assert outs[3].token_ids == outs[0].token_ids  # same request, same seed, other batch
     assert time.perf_counter() - t0 < 60
+
+
+def test_top_k_and_top_p_truncate_per_request(engine, requests_):
+    """top_k=1 and a tiny top_p leave only the argmax: sampled rows equal the greedy ones, in one batch
+    with an untruncated row that does sample."""
+    greedy = [
+        o.token_ids
+        for o in gen(engine, requests_, SamplingParams(temperature=0.0, max_new_tokens=12, stop=[]))
+    ]
+    s = [
+        SamplingParams(temperature=1.0, top_k=1, max_new_tokens=12, seed=3, stop=[]),
+        SamplingParams(temperature=0.7, top_p=1e-6, max_new_tokens=12, seed=4, stop=[]),
+        SamplingParams(temperature=1.0, max_new_tokens=12, seed=5, stop=[]),
+    ]
+    outs = gen(engine, requests_, s)
+    assert outs[0].token_ids == greedy[0] and outs[1].token_ids == greedy[1]
+    assert outs[2].token_ids != greedy[2]
