@@ -17,9 +17,10 @@
   the caller asks for determinism (`SamplingParams.seed`): per-request generators are slow in vLLM.
 - Log-probs: `logprobs=0` (the sampled token) with `logprobs_mode="processed_logprobs"`: after the mask
   and temperature, the quantity the learner recomputes (vLLM's default is the raw distribution).
-- Weights in place: `update_weights` writes the tensors to a safetensors file (tmpfs) and every vLLM worker
+- Weights in place: CUDA tensors (GPU, TP=1) go through vLLM's own weight-transfer API, CUDA IPC backend.
+  Otherwise (CPU) `update_weights` writes them to a safetensors file (tmpfs) and every vLLM worker
   reloads from it through `WeightReloadExtension` (`collective_rpc`; a dict of tensors does not pickle
-  into the engine-core process), then the prefix and encoder caches are reset (their entries were
+  into the engine-core process). Then the prefix and encoder caches are reset (their entries were
   computed with the old weights). Sleep mode (level 1) for colocation, GPU only.
 """
 
@@ -152,6 +153,13 @@ class VLLMEngine(GenerationEngine):
             enforce_eager = not cuda
         if dtype in (None, "auto"):  # the project's "auto" (bf16 on GPU, fp32 on CPU); vLLM's is bf16 on CPU
             dtype = "auto" if cuda else "float32"
+        # vLLM's own weight-transfer API (CUDA IPC backend) where the weights arrive on this process's GPU:
+        # vLLM's worker on the same GPU maps them instead of reading a file. The handles cross into the
+        # engine-core process pickled (hence the serialization flag; the core is our own child process).
+        self._ipc = cuda and tensor_parallel_size == 1
+        if self._ipc:
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+            engine_kwargs.setdefault("weight_transfer_config", {"backend": "ipc"})
         if not cuda:
             # The CPU backend sizes its KV cache from this (GiB), not from gpu_memory_utilization.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -185,6 +193,10 @@ class VLLMEngine(GenerationEngine):
             return AsyncLLM.from_engine_args(args)
 
         self.llm = self._call(build())
+        if self._ipc:
+            from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+            self._call(self.llm.init_weight_transfer_engine(WeightTransferInitRequest({"packed": False})))
         self._ids = itertools.count()
         self._images: OrderedDict[bytes, tuple[Any, str]] = OrderedDict()
         self._image_cap = int(image_cache)
@@ -288,13 +300,19 @@ class VLLMEngine(GenerationEngine):
         import torch
         from safetensors.torch import save_file
 
+        pairs = list(named_tensors(weights))
+        if self._ipc and all(isinstance(t, torch.Tensor) and t.is_cuda for _, t in pairs):
+            self._call(self._ipc_update(pairs))
+            self.version = int(version)
+            return
         tensors = {
             n: (t if isinstance(t, torch.Tensor) else torch.as_tensor(t)).detach().to("cpu").contiguous()
-            for n, t in named_tensors(weights)
+            for n, t in pairs
         }
-        tmp = tempfile.mkdtemp(
-            prefix="pyvision-weights-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
-        )
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        # tmpfs when it has room (containers often mount a small /dev/shm), else the temp dir
+        shm = os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 1.2 * nbytes
+        tmp = tempfile.mkdtemp(prefix="pyvision-weights-", dir="/dev/shm" if shm else None)
         try:
             path = os.path.join(tmp, "weights.safetensors")
             save_file(tensors, path)
@@ -305,6 +323,34 @@ class VLLMEngine(GenerationEngine):
 
     async def _reload(self, path: str) -> None:
         await self.llm.collective_rpc("pyvision_reload_weights", args=(path,))
+        await self._reset_caches()
+
+    async def _ipc_update(self, pairs: list[tuple[str, Any]]) -> None:
+        """CUDA tensors -> vLLM's worker through the IPC weight-transfer backend (one update session)."""
+        import base64
+        import pickle
+
+        import torch
+        from torch.multiprocessing.reductions import reduce_tensor
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        keep = [t.detach().contiguous() for _, t in pairs]  # alive until the worker has loaded them
+        gpu = str(torch.cuda.get_device_properties(keep[0].device).uuid)
+        handles = [{gpu: reduce_tensor(t)[1]} for t in keep]
+        torch.cuda.synchronize()
+        info = {
+            "names": [n for n, _ in pairs],
+            "dtype_names": [str(t.dtype).split(".")[-1] for t in keep],
+            "shapes": [list(t.shape) for t in keep],
+            "ipc_handles_pickled": base64.b64encode(pickle.dumps(handles)).decode(),
+        }
+        await self.llm.start_weight_update()
+        await self.llm.update_weights(WeightTransferUpdateRequest(update_info=info))
+        await self.llm.finish_weight_update()
+        del keep
+        await self._reset_caches()
+
+    async def _reset_caches(self) -> None:
         await self.llm.reset_prefix_cache()
         await self.llm.reset_encoder_cache()
 

@@ -216,16 +216,28 @@ def test_concurrent_requests_caps_seeds_and_image_cache(engine):
 @pytest.mark.vllm
 @pytest.mark.skipif(
     not HAS_VLLM or not __import__("torch").cuda.is_available(),
-    reason="vLLM's sleep mode needs CUDA (its cumem allocator offloads GPU memory; the CPU backend has none)",
+    reason="vLLM's sleep mode needs CUDA (its cumem allocator offloads GPU memory; the CPU backend has none) "
+    "and the IPC weight transfer CUDA IPC",
 )
-def test_sleep_and_wake_keep_outputs(model_dir):
+def test_gpu_sleep_wake_and_ipc_weight_update(model_dir, hf):
+    """Sleep mode keeps the outputs; CUDA weights go through vLLM's IPC weight-transfer backend, change the
+    outputs, and restoring them restores the outputs exactly."""
     eng = VLLMEngine(str(model_dir), max_model_len=2048, enable_sleep_mode=True, gpu_memory_utilization=0.3)
     try:
+        assert eng._ipc
         png = _png((9, 9, 9))
-        req = [GenerationRequest(_prompt(eng, png), [png], "s")]
+        ids = _prompt(eng, png)
+        req = [GenerationRequest(ids, [png], "s")]
         greedy = SamplingParams(temperature=0.0, max_new_tokens=8, stop=[])
         before = _run(eng, req, greedy)[0]
         eng.sleep()
         assert _run(eng, req, greedy)[0].token_ids == before.token_ids  # generate wakes it
+        script = eng.tokenizer("<answer>\n\\boxed{3}\n</answer>", add_special_tokens=False)["input_ids"]
+        new = _scripted_weights(hf, ids[-1], script, forbidden=eng.image_pad_id)
+        old = {n: hf[0].state_dict()[n] for n in new}
+        eng.update_weights({n: t.cuda() for n, t in new.items()}, version=1)
+        assert _run(eng, req, greedy)[0].token_ids[: len(script)] == script
+        eng.update_weights({n: t.cuda() for n, t in old.items()}, version=2)
+        assert _run(eng, req, greedy)[0].token_ids == before.token_ids
     finally:
         eng.close()
