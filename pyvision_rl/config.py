@@ -161,6 +161,18 @@ class SandboxConfig(_Section):
         ge=1,
         description="With reuse_kernels: trajectories one box serves before it is replaced by a fresh one.",
     )
+    max_starting: int = Field(
+        0,
+        ge=0,
+        description="Boxes starting at once per pool (0: the pool node's CPU count); further opens wait their "
+        "turn for a box (reported as sandbox/start_queue_depth), so a burst does not time out every start.",
+    )
+    max_running: int = Field(
+        0,
+        ge=0,
+        description="Cells running at once per pool (0: 4 x the pool node's CPUs); further cells wait for a "
+        "slot before their timeout_s starts (sandbox/exec_wait_*), so a burst cannot time out good cells.",
+    )
 
 
 class FilterConfig(_Section):

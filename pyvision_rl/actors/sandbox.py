@@ -1,8 +1,9 @@
 """SandboxPool: a Ray actor around `KernelPool` (one persistent kernel per live trajectory).
 
-An async actor: waiting for a free slot (`open` when `max_kernels` are live) awaits in a thread of its
-own executor and never blocks `execute`/`close` from other trajectories, which run in a second executor
-so many trajectories execute concurrently.
+An async actor: waiting for a free slot (`open` when `max_kernels` are live, or for a box to start)
+awaits in a thread of its own executor and never blocks `execute`/`close` from other trajectories, which
+run in a second executor so many trajectories execute concurrently (cells beyond `sandbox.max_running`
+wait for a run slot there, before their timeout starts).
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ class SandboxPool:
 
     async def open(
         self, traj_id: str, images: list[str] | None = None, videos: list[str] | None = None
-    ) -> None:
-        await asyncio.get_running_loop().run_in_executor(
+    ) -> str | None:
+        """Never raises: returns None, or what failed (the trajectory's cells then return it as a sandbox
+        failure, `ExecResult.sandbox_error`)."""
+        return await asyncio.get_running_loop().run_in_executor(
             self._open_exec, self.pool.open, traj_id, images, videos
         )
 

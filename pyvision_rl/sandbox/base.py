@@ -20,6 +20,7 @@ box whose trajectory timed out, crashed or could not be cleaned is killed instea
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +29,8 @@ import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 
 from pyvision_rl.config import SandboxConfig
 from pyvision_rl.types import ExecResult
@@ -247,7 +249,10 @@ class Box(ABC):
         return reply.get("op") == "clean" and bool(reply.get("ok"))
 
     def wait_ready(self, timeout_s: float) -> dict:
-        reply = self.read_reply(time.monotonic() + timeout_s)
+        try:
+            reply = self.read_reply(time.monotonic() + timeout_s)
+        except KernelTimeout as e:
+            raise KernelTimeout(f"the kernel did not report ready within {timeout_s:g} s") from e
         if reply.get("op") != "ready":
             raise KernelDied(f"unexpected first message {reply!r}")
         self.pid_in_box = reply.get("pid")
@@ -265,22 +270,29 @@ class WarmPool:
     """Keeps `size` started, ready boxes; `take()` hands out a healthy one (or starts one on demand).
 
     A background thread refills the pool; a box that fails its health check is killed and replaced.
-    With reuse (`max_boxes` > 0) handed-out boxes come back through `give_back` (or end in `discard`),
-    and the refill also stops while ready + leased boxes reach `max_boxes`: otherwise every momentary dip
-    of the ready list below `size` under load would start a box that a later `give_back` has no room for.
+    At most `max_starting` boxes start at a time (refill and on-demand together): a burst of opens waits
+    its turn for a box instead of starting them all at once on a few cores, where every start would miss
+    its ready deadline. With reuse (`max_boxes` > 0) handed-out boxes come back through `give_back` (or
+    end in `discard`), and the refill also stops while ready + leased boxes reach `max_boxes`: otherwise
+    every momentary dip of the ready list below `size` under load would start a box that a later
+    `give_back` has no room for.
     """
 
-    def __init__(self, start_box: Callable[[], Box], size: int, name: str, max_boxes: int = 0) -> None:
+    def __init__(self, start_box: Callable[[], Box], size: int, name: str, max_boxes: int = 0,
+                 max_starting: int = 2) -> None:  # fmt: skip
         self._start_box = start_box
         self._size = max(0, int(size))
         self._max_boxes = max(self._size, int(max_boxes)) if max_boxes else 0  # 0: no reuse, no cap
-        self._leased = 0  # boxes handed out and not yet given back or discarded
+        self._max_starting = max(1, int(max_starting))
+        self._leased = 0  # boxes handed out (or being taken) and not yet given back or discarded
         self._ready: list[Box] = []
         self._lock = threading.Condition()
         self._closed = False
         self._starting = 0
+        self.waiting = 0  # take() calls waiting for a ready box or a start slot
         self.started = 0
         self.replaced = 0
+        self.start_failures = 0
         self._thread = threading.Thread(target=self._refill_loop, name=f"{name}-warm-pool", daemon=True)
         self._thread.start()
 
@@ -296,6 +308,7 @@ class WarmPool:
             try:
                 box = self._start_box()
             except Exception:  # noqa: BLE001 - keep the refill thread alive; take() reports errors
+                self.start_failures += 1
                 time.sleep(1.0)
             finally:
                 with self._lock:
@@ -310,30 +323,54 @@ class WarmPool:
 
     def _wants_box(self) -> bool:
         have = len(self._ready) + self._starting
-        if have >= self._size:
+        if have >= self._size or self._starting >= self._max_starting:
             return False
         return not self._max_boxes or have + self._leased < self._max_boxes
 
-    def take(self) -> Box:
-        """A started, healthy box: from the pool if one is ready, else started now."""
-        while True:
-            with self._lock:
-                box = self._ready.pop(0) if self._ready else None
-                self._leased += 1
-                self._lock.notify_all()
-            if box is None:
+    def take(self, attempts: int = 3) -> Box:
+        """A started, healthy box: a ready one if any, else one started now once a start slot is free
+        (waiting meanwhile for whichever comes first). Raises SandboxError saying what failed after
+        `attempts` failed starts, or when the pool is closed."""
+        failures: list[str] = []
+        with self._lock:
+            self._leased += 1
+        try:
+            while True:
+                with self._lock:
+                    self.waiting += 1
+                    while not self._closed and not self._ready and self._starting >= self._max_starting:
+                        self._lock.wait()
+                    self.waiting -= 1
+                    if self._closed:
+                        raise SandboxError("the sandbox is shut down")
+                    box = self._ready.pop(0) if self._ready else None
+                    if box is None:
+                        self._starting += 1
+                if box is not None:
+                    if box.healthy():
+                        return box
+                    self.replaced += 1
+                    box.kill()
+                    continue
                 try:
                     box = self._start_box()
-                except BaseException:
-                    self._forget()
-                    raise
+                except Exception as e:  # noqa: BLE001 - retried, then reported with every cause
+                    self.start_failures += 1
+                    failures.append(f"{type(e).__name__}: {e}")
+                    if len(failures) >= attempts:
+                        raise SandboxError(
+                            f"no sandbox box could be started ({len(failures)} tries): " + "; ".join(failures)
+                        ) from e
+                    continue
+                finally:
+                    with self._lock:
+                        self._starting -= 1
+                        self._lock.notify_all()
                 self.started += 1
                 return box
-            if box.healthy():
-                return box
-            self.replaced += 1
+        except BaseException:
             self._forget()
-            box.kill()
+            raise
 
     def _forget(self) -> None:
         with self._lock:
@@ -383,7 +420,12 @@ class WarmPool:
 
 class StreamKernel(Kernel):
     """A Kernel over a Box: executes cells, turns every failure into an ExecResult, and swaps in a
-    fresh box (with the same task files) on the next execute after the old one died."""
+    fresh box (with the same task files) on the next execute after the old one died.
+
+    A failure of the sandbox itself (no box could be started or loaded, the box vanished without its
+    interpreter reporting a death: killed from outside, engine trouble) sets `ExecResult.sandbox_error`;
+    the model's own failures (a Python error, a timeout, an interpreter its code crashed or ran out of
+    memory) do not. A cell waits for one of the sandbox's run slots before its timeout starts."""
 
     def __init__(self, sandbox: PooledSandbox, images: list[str], videos: list[str]) -> None:
         self._sandbox = sandbox
@@ -394,60 +436,80 @@ class StreamKernel(Kernel):
         self._closed = False
         self._lock = threading.Lock()
         self.restarts = 0
-        self._box = self._fresh_box()  # setup errors (bad files) raise SandboxError here
+        self._box = self._fresh_box()  # setup errors (bad files, no box) raise SandboxError here
 
-    def _fresh_box(self) -> Box:
-        box = self._sandbox.pool.take()
-        try:
-            imgs = box.taskdir.stage(self._images, "image")
-            vids = box.taskdir.stage(self._videos, "video")
-            reply = box.request({"op": "init", "images": imgs, "videos": vids}, time.monotonic() + 60.0)
-        except SandboxError:
-            self._sandbox.pool.discard(box)
-            raise
-        except (KernelDied, KernelTimeout, OSError, ValueError) as e:
-            self._sandbox.pool.discard(box)
-            raise SandboxError(f"the sandbox kernel failed while loading the task files: {e}") from e
-        if reply.get("error"):
-            self._sandbox.pool.discard(box)
-            raise SandboxError(f"{reply['error']} (images={self._images}, videos={self._videos})")
-        return box
+    def _fresh_box(self, attempts: int = 2) -> Box:
+        for attempt in range(attempts):
+            box = self._sandbox.pool.take()
+            try:
+                imgs = box.taskdir.stage(self._images, "image")
+                vids = box.taskdir.stage(self._videos, "video")
+                with self._sandbox.run_slot():
+                    reply = box.request(
+                        {"op": "init", "images": imgs, "videos": vids}, time.monotonic() + 60.0
+                    )
+            except SandboxError:
+                self._sandbox.pool.discard(box)
+                raise
+            except (KernelDied, KernelTimeout, OSError, ValueError) as e:  # the box, not the files: retry
+                self._sandbox.pool.discard(box)
+                if attempt + 1 < attempts:
+                    continue
+                raise SandboxError(
+                    f"the sandbox kernel failed while loading the task files ({type(e).__name__}: "
+                    f"{e or box.died_reason or box.death_reason()})"
+                ) from e
+            if reply.get("error"):
+                self._sandbox.pool.discard(box)
+                raise SandboxError(f"{reply['error']} (images={self._images}, videos={self._videos})")
+            return box
+        raise AssertionError("unreachable")
 
     def execute(self, code: str, timeout_s: float | None = None) -> ExecResult:
         timeout = float(self._cfg.timeout_s if timeout_s is None else timeout_s)
-        t0 = time.monotonic()
         with self._lock:
             if self._closed:
-                return ExecResult(error="The interpreter was closed.", duration_s=0.0)
+                return ExecResult(error="The interpreter was closed.", sandbox_error=True)
             if self._box is None:
                 try:
                     self._box = self._fresh_box()
                     self.restarts += 1
                 except Exception as e:  # noqa: BLE001 - execute never raises
-                    return ExecResult(
-                        error=f"The interpreter could not be restarted: {e}", duration_s=time.monotonic() - t0
-                    )
+                    return ExecResult(error=f"The sandbox failed: the interpreter could not be restarted: {e}",
+                                      sandbox_error=True)  # fmt: skip
             box = self._box
-            try:
-                reply = box.request({"op": "exec", "code": code}, t0 + timeout)
-            except KernelTimeout:
-                self._sandbox.pool.discard(box)
-                self._box = None
-                return ExecResult(
-                    error=f"Execution timed out after {timeout:g} s and the interpreter was stopped; the next "
-                    "execution starts a fresh interpreter (variables defined earlier are lost).",
-                    timed_out=True,
-                    duration_s=time.monotonic() - t0,
-                )
-            except (KernelDied, OSError, ValueError, struct.error):
-                why = box.died_reason or box.death_reason()
-                self._sandbox.pool.discard(box)
-                self._box = None
-                return ExecResult(
-                    error=f"The interpreter died ({why}); the next execution starts a fresh interpreter "
-                    "(variables defined earlier are lost).",
-                    duration_s=time.monotonic() - t0,
-                )
+            with self._sandbox.run_slot():
+                t0 = time.monotonic()  # the timeout counts from here: waiting for a run slot is not charged
+                try:
+                    reply = box.request({"op": "exec", "code": code}, t0 + timeout)
+                except KernelTimeout:
+                    self._sandbox.pool.discard(box)
+                    self._box = None
+                    return ExecResult(
+                        error=f"Execution timed out after {timeout:g} s and the interpreter was stopped; the "
+                        "next execution starts a fresh interpreter (variables defined earlier are lost).",
+                        timed_out=True,
+                        duration_s=time.monotonic() - t0,
+                    )
+                except (KernelDied, OSError, ValueError, struct.error):
+                    why = box.died_reason  # set when the zygote saw the interpreter itself die
+                    infra = why is None
+                    if infra:
+                        why = box.death_reason()
+                        infra = not why.startswith("out of memory")
+                    self._sandbox.pool.discard(box)
+                    self._box = None
+                    what = (
+                        f"The sandbox failed: its box ended while running this cell ({why})"
+                        if infra
+                        else f"The interpreter died ({why})"
+                    )
+                    return ExecResult(
+                        error=f"{what}; the next execution starts a fresh interpreter (variables defined "
+                        "earlier are lost).",
+                        duration_s=time.monotonic() - t0,
+                        sandbox_error=infra,
+                    )
         return ExecResult(
             stdout=reply.get("stdout", ""),
             images=[base64.b64decode(s) for s in reply.get("images", [])],
@@ -473,9 +535,35 @@ class PooledSandbox(Sandbox):
         # With reuse, boxes live + ready stay within max_kernels + warm_kernels: the number of boxes the
         # one-box-per-trajectory mode holds at full load, with no box started only to be killed.
         cap = cfg.max_kernels + cfg.warm_kernels if cfg.reuse_kernels else 0
-        self.pool = WarmPool(self._start_box, cfg.warm_kernels, self.name, max_boxes=cap)
+        cpus = len(os.sched_getaffinity(0))
+        self.pool = WarmPool(self._start_box, cfg.warm_kernels, self.name, max_boxes=cap,
+                             max_starting=cfg.max_starting or cpus)  # fmt: skip
         self.reused = 0  # boxes cleaned and pooled again after a trajectory
         self.recycled = 0  # boxes killed at max_trajectories_per_box, or because cleaning failed
+        # Run slots: cells (and task loads) running at once. More than the cores can serve would stretch
+        # every cell's wall time until legitimate cells hit their timeout under a burst.
+        self.max_running = cfg.max_running or 4 * cpus
+        self._slots = threading.Condition()
+        self._running = 0
+        self.run_waiting = 0
+        self.run_waits: deque[float] = deque(maxlen=10_000)
+
+    @contextlib.contextmanager
+    def run_slot(self) -> Iterator[None]:
+        """Hold one of the `max_running` run slots (waiting, FIFO-ish, for a free one)."""
+        t = time.monotonic()
+        with self._slots:
+            self.run_waiting += 1
+            self._slots.wait_for(lambda: self._running < self.max_running)
+            self.run_waiting -= 1
+            self._running += 1
+        self.run_waits.append(time.monotonic() - t)
+        try:
+            yield
+        finally:
+            with self._slots:
+                self._running -= 1
+                self._slots.notify()
 
     def _check(self) -> None:
         """Raise SandboxError when the backend cannot work here."""

@@ -177,10 +177,14 @@ class DockerBox(Box):
         if self._killed:
             return
         self._killed = True
-        try:
-            self._sock.close()
-        except Exception:  # noqa: BLE001
-            pass
+        # The socket's descriptor is only released once the SocketIO wrapper docker-py made around it is
+        # closed too (it holds a reference): without this, each killed box keeps an fd until GC.
+        for f in (getattr(self, "_raw", None), getattr(self, "_sock", None)):
+            try:
+                if f is not None:
+                    f.close()
+            except Exception:  # noqa: BLE001
+                pass
         self.taskdir.remove()
         if wait:
             self._remove()

@@ -77,6 +77,10 @@ def test_attack_is_contained(sandbox, attack, tmp_path):
         elif expect == "no_host_root":
             host_entries = set(os.listdir("/root")) - {".pyenv"}
             assert not any(e in res.stdout for e in host_entries if len(e) > 3), res.stdout
+        # An attack is the model's own doing, never reported as a failure of the sandbox, except where
+        # the code kills the process backend's zygote (not PID 1 there): its box then ends without an
+        # interpreter death to report, which looks exactly like a box killed from outside.
+        assert not res.sandbox_error or (attack == "kill_zygote" and sandbox.name == "process"), res
         assert "CONNECTED" not in res.stdout
         assert "[tool.ruff]" not in res.stdout
         assert not os.path.exists("/usr/pwned")

@@ -40,9 +40,13 @@ def test_pool_kernels_are_per_trajectory_and_queue(pool):
     t.join()
     assert pool.execute("c", "print('c')").stdout == "c\n"
     unknown = pool.execute("a", "print(1)")
-    assert unknown.error and "open first" in unknown.error
-    with pytest.raises(TimeoutError):
-        pool.open("d", wait_s=0.2)
+    assert unknown.sandbox_error and "open first" in unknown.error
+    # No slot within wait_s: open does not raise; the trajectory's cells report the sandbox failure.
+    why = pool.open("d", wait_s=0.2)
+    assert why and "sandbox.max_kernels=2" in why
+    r = pool.execute("d", "print(1)")
+    assert r.sandbox_error and r.error == why
+    pool.close("d")
     r = pool.execute("b", "while True: pass", timeout_s=1.0)
     assert r.timed_out
     m = pool.metrics()
