@@ -174,8 +174,21 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     assert marker.exists(), "the run never wrote its step-2 checkpoint"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
     proc.wait()
-    # Reap the Ray services of the killed run (only those: they live under this run's RAY_TMPDIR).
-    subprocess.run(["pkill", "-9", "-f", ray_tmp], capture_output=True)
+    # Reap the Ray services of the killed run, by PID: only processes started with this run's RAY_TMPDIR.
+    import psutil
+
+    for p in psutil.process_iter(["pid", "cmdline", "environ"]):
+        try:
+            mine = any(ray_tmp in a for a in p.info["cmdline"] or ()) or (
+                (p.info["environ"] or {}).get("RAY_TMPDIR") == ray_tmp
+            )
+        except (psutil.Error, TypeError):
+            continue
+        if mine and p.pid != os.getpid():
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
     time.sleep(1.0)
     subprocess.run(cmd + killed, env=env, check=True, cwd=REPO, capture_output=True, timeout=600)
 
@@ -221,15 +234,30 @@ def test_killing_sandbox_kernels_mid_step_loses_no_group(tmp_path, tiny_model_di
     from pyvision_rl.trainer import Trainer
 
     cfg = load_config(REPO / "configs/tiny_cpu.yaml", tiny_overrides(tmp_path, tiny_model_dir, steps=1))
+    import psutil
+    import ray
+
     tr = Trainer(cfg)
     stop = threading.Event()
     kills = []
+    # Only this run's kernels: the processes under this trainer's SandboxPool actors (never a pattern
+    # kill, which would hit the kernels of every run on the machine).
+    pool_pids = ray.get([p.__ray_call__.remote(lambda self: os.getpid()) for p in tr.pools])
 
     def killer():
         while not stop.is_set():
-            r = subprocess.run(["pkill", "-9", "-f", "sandbox/kernel.py"], capture_output=True)
-            if r.returncode == 0:
-                kills.append(1)
+            for pid in pool_pids:
+                try:
+                    procs = psutil.Process(pid).children(recursive=True)
+                except psutil.NoSuchProcess:
+                    continue
+                for proc in procs:
+                    try:
+                        if any("kernel.py" in a for a in proc.cmdline()):
+                            os.kill(proc.pid, signal.SIGKILL)
+                            kills.append(proc.pid)
+                    except (psutil.NoSuchProcess, ProcessLookupError, PermissionError):
+                        pass
             time.sleep(0.3)
 
     try:
