@@ -1,4 +1,4 @@
-"""PNG plots of a run's metrics JSONL: accuracy, reward and tool calls per step."""
+"""PNG plots of a run's metrics JSONL: accuracy, reward, tool calls and visual tokens per step."""
 
 from __future__ import annotations
 
@@ -11,13 +11,28 @@ PANELS = [
     ("reward", [("rollout/reward_mean", "rollout reward"), ("train_batch/reward_mean", "trained groups")]),
     (
         "tool calls per trajectory",
-        [("rollout/tool_calls_mean", "mean"), ("rollout/tool_calls_zero_ratio", "share with 0")],
+        [
+            ("rollout/tool_calls_mean", "mean"),
+            ("rollout/tool_calls_zero_ratio", "share with 0"),
+            ("rollout/tool_images_mean", "figures shown"),
+        ],
+    ),
+    (
+        "visual tokens per trajectory",
+        [
+            ("rollout/visual_tokens_mean", "rollout (sampled)"),
+            ("eval/visual_tokens_mean", "held-out (greedy)"),
+        ],
     ),
 ]
+_FILES = {"accuracy": "accuracy", "reward": "reward", "tool": "tool_calls", "visual": "visual_tokens"}
 
 
-def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Writes accuracy.png, reward.png, tool_calls.png (and overview.png) under `out_dir` (<run>/plots)."""
+def plot_run(
+    run_dir: str | Path, out_dir: str | Path | None = None, uniform_1fps_tokens: float | None = None
+) -> list[Path]:
+    """Writes accuracy.png, reward.png, tool_calls.png, visual_tokens.png (and overview.png) under
+    `out_dir` (<run>/plots). `uniform_1fps_tokens`: a reference line on the visual-token panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,11 +52,14 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
                 if pts:
                     xs, ys = zip(*pts, strict=True)
                     a.plot(xs, ys, marker="o" if len(pts) < 12 else None, label=label)
+            if title.startswith("visual") and uniform_1fps_tokens is not None:
+                a.axhline(uniform_1fps_tokens, color="grey", ls="--", label="uniform 1 fps (same clips)")
+                a.set_yscale("log")
             a.set_title(title)
             a.set_xlabel("RL step")
             a.grid(alpha=0.3)
             a.legend(fontsize=8)
-        name = out / (title.split()[0] + ("_calls" if title.startswith("tool") else "") + ".png")
+        name = out / (_FILES[title.split()[0]] + ".png")
         fig.tight_layout()
         fig.savefig(name, dpi=100)
         plt.close(fig)
