@@ -51,37 +51,44 @@ class _Suppress:
 
 
 class _RowSampler:
-    """Logits processor that samples each row itself (temperature, top-k, top-p of that row's request, its
-    own generator) and leaves only the chosen token finite, so greedy decoding then emits it. Greedy rows
-    (temperature <= 0) are left to the argmax."""
+    """Logits processor that samples each row itself (temperature, top-k, top-p of that row's request, a
+    uniform draw from its own generator, inverse-CDF over the batch at once) and leaves only the chosen
+    token finite, so greedy decoding then emits it. Greedy rows (temperature <= 0) are left to the argmax."""
 
     def __init__(self, samplings: list[SamplingParams], device: torch.device):
+        self.rows = [b for b, s in enumerate(samplings) if s.temperature > 0]
         self.samplings = samplings
+        self.temps = torch.tensor([samplings[b].temperature for b in self.rows], device=device).unsqueeze(-1)
         self.gens: list[torch.Generator | None] = []
-        for s in samplings:
-            g = None
-            if s.temperature > 0 and s.seed is not None:
+        for b in self.rows:
+            seed, g = samplings[b].seed, None
+            if seed is not None:
                 g = torch.Generator(device=device)
-                g.manual_seed(int(s.seed) & 0xFFFF_FFFF_FFFF)
+                g.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF)
             self.gens.append(g)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        out = scores.clone()
-        for b, s in enumerate(self.samplings):
-            if s.temperature <= 0:
-                continue
-            lg = scores[b].float() / s.temperature
+        if not self.rows:
+            return scores
+        lg = scores[self.rows].float() / self.temps
+        for r, b in enumerate(self.rows):
+            s = self.samplings[b]
             if s.top_k and s.top_k > 0:
-                kth = torch.topk(lg, min(s.top_k, lg.shape[-1])).values[-1]
-                lg = lg.masked_fill(lg < kth, float("-inf"))
+                kth = torch.topk(lg[r], min(s.top_k, lg.shape[-1])).values[-1]
+                lg[r] = lg[r].masked_fill(lg[r] < kth, float("-inf"))
             if s.top_p < 1.0:
-                srt, idx = torch.sort(lg, descending=True)
-                cum = torch.softmax(srt, -1).cumsum(-1)
-                drop = cum - torch.softmax(srt, -1) >= s.top_p  # keep the smallest prefix reaching top_p
-                lg = lg.index_fill(-1, idx[drop], float("-inf"))
-            tok = torch.multinomial(torch.softmax(lg, -1), 1, generator=self.gens[b])
-            out[b].fill_(float("-inf"))
-            out[b, tok] = 0.0
+                srt, idx = torch.sort(lg[r], descending=True)
+                p = torch.softmax(srt, -1)
+                drop = p.cumsum(-1) - p >= s.top_p  # keep the smallest prefix reaching top_p
+                lg[r] = lg[r].index_fill(-1, idx[drop], float("-inf"))
+        cdf = torch.softmax(lg, -1).cumsum(-1)
+        u = torch.stack([torch.rand((), generator=g, device=cdf.device) for g in self.gens])
+        u = u.unsqueeze(-1) * cdf[:, -1:]  # the cdf's own total, so rounding never runs past the end
+        tok = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # p(tok) > 0
+        out = scores.clone()
+        rows = torch.tensor(self.rows, device=scores.device)
+        out[rows] = float("-inf")
+        out[rows.unsqueeze(-1), tok] = 0.0
         return out
 
 
