@@ -30,6 +30,11 @@ class RunConfig(_Section):
         "auto",
         description="'auto' resumes from the run dir's last checkpoint if any; 'never'; or a checkpoint path.",
     )
+    deterministic: bool = Field(
+        False,
+        description="Same config + seed on the same machine: identical metrics but timings (results merged in "
+        "chunk order, deterministic torch kernels in the learner); see README 'Reproducibility'.",
+    )
 
 
 class TinyModelConfig(_Section):
@@ -298,6 +303,13 @@ class TrainerConfig(_Section):
     keep_checkpoints: int = Field(2, description="Checkpoints kept on disk.")
     eval_every: int = Field(0, description="Held-out eval every k steps (0: only at the end).")
     max_actor_restarts: int = Field(3, description="Restarts per actor before the run stops.")
+    learner_retries: int = Field(
+        2,
+        ge=0,
+        description="A learner rank that dies: rebuild the learner group from the last checkpoint and redo the "
+        "step, at most this many times per step (needs a checkpoint of the step before: save_every=1 makes "
+        "every step redoable; 0: stop at once).",
+    )
 
 
 class EvalConfig(_Section):

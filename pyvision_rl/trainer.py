@@ -175,7 +175,12 @@ class Trainer:
         self.run_dir = cfg.run_dir()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        self.events: dict[str, int] = {"worker_restarts": 0, "requeued_subbatches": 0, "reward_restarts": 0}
+        self.events: dict[str, int] = {
+            "worker_restarts": 0,
+            "requeued_subbatches": 0,
+            "reward_restarts": 0,
+            "learner_rebuilds": 0,
+        }
         self.step = 0
         self.version = 0
         self.chunk_seq = 0
@@ -310,6 +315,7 @@ class Trainer:
         inflight = [sb for sb in self._carry if sb.ref is not None]
         self._carry = []
         consumed: set[int] = set()  # chunks with at least one scored sub-batch
+        complete: list[_SubBatch] = []  # scored in full, not yet folded into the step (deterministic order)
         new_chunks = 0
         max_inflight = len(self.workers) + 1
         t0 = time.perf_counter()
@@ -375,20 +381,29 @@ class Trainer:
                     sb, f"{len(sb.results)} of {len(sb.groups)} groups came back", inflight, pending
                 )
                 continue
-            inflight.remove(sb)
-            consumed.add(sb.chunk)
-            order = {gid: k for k, (_, _, gid) in enumerate(sb.groups)}  # merged in chunk order
-            for res, group_ref, traj_refs in sorted(
-                sb.results, key=lambda r: order.get(r[0]["summaries"][0]["group_id"], 0)
-            ):
-                base = len(st.summaries)
-                st.accepted.extend((base + i, std, traj_refs[i]) for i, std in res["accepted"])
-                st.summaries.extend(res["summaries"])
-                st.rollouts.append((base, group_ref))
-                for k, v in res.get("judge", {}).items():
-                    st.judge[k] = st.judge.get(k, 0) + v
-                for k, v in res["drops"].items():
-                    st.drops[k] = st.drops.get(k, 0) + v
+            complete.append(sb)
+            while complete:
+                if cfg.run.deterministic:  # fold sub-batches in chunk order, whatever order they finish in
+                    sb = min(inflight + list(pending), key=lambda s: (s.chunk, s.seed))
+                    if sb not in complete:
+                        break
+                else:
+                    sb = complete[0]
+                complete.remove(sb)
+                inflight.remove(sb)
+                consumed.add(sb.chunk)
+                order = {gid: k for k, (_, _, gid) in enumerate(sb.groups)}  # merged in chunk order
+                for res, group_ref, traj_refs in sorted(
+                    sb.results, key=lambda r: order.get(r[0]["summaries"][0]["group_id"], 0)
+                ):
+                    base = len(st.summaries)
+                    st.accepted.extend((base + i, std, traj_refs[i]) for i, std in res["accepted"])
+                    st.summaries.extend(res["summaries"])
+                    st.rollouts.append((base, group_ref))
+                    for k, v in res.get("judge", {}).items():
+                        st.judge[k] = st.judge.get(k, 0) + v
+                    for k, v in res["drops"].items():
+                        st.drops[k] = st.drops.get(k, 0) + v
         leftover = inflight + list(pending)
         if leftover and cfg.trainer.max_staleness >= 1:
             self._carry = leftover
@@ -542,7 +557,7 @@ class Trainer:
         trained = [st.summaries[i] for i in ranked]
         self._prefetch()
         t0 = time.perf_counter()
-        train_metrics = self.learners.train_step([refs[i] for i in ranked])
+        train_metrics = self._train_redoable([refs[i] for i in ranked])
         t_train = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.version += 1
@@ -587,6 +602,52 @@ class Trainer:
         m["cursor"] = self.resume_point()[0]
         self.logger.log(self.step, m)
         return m
+
+    def _train_redoable(self, refs: list) -> dict[str, float]:
+        """The learner step; when a rank dies, rebuild the learner group from the checkpoint of the step
+        before and redo the step on the same trajectories, at most `trainer.learner_retries` times."""
+        import ray
+
+        retries = self.cfg.trainer.learner_retries
+        for attempt in range(retries + 1):
+            try:
+                return self.learners.train_step(refs)
+            except ray.exceptions.RayActorError as e:
+                if attempt == retries:
+                    raise RuntimeError(
+                        f"the learner failed {attempt + 1} times at step {self.step + 1} "
+                        f"(trainer.learner_retries={retries}); last error: {e}"
+                    ) from None
+                log.warning(
+                    "a learner rank died at step %d (%s); rebuilding the learner group", self.step + 1, e
+                )
+                self._rebuild_learners(e)
+
+    def _rebuild_learners(self, error: Exception) -> None:
+        """New learner ranks with the state of the last checkpoint, which must be this step's start."""
+        import ray
+
+        from pyvision_rl.actors.learner import LearnerGroup
+
+        ck = latest_checkpoint(self.run_dir)
+        if ck is None and self.resume_from is not None:
+            ck = self.resume_from
+        ck_step = json.loads((ck / "trainer_state.json").read_text())["step"] if ck else 0
+        if ck_step != self.step:
+            raise RuntimeError(
+                f"a learner rank died at step {self.step + 1} ({error}) and the step cannot be redone: the last "
+                f"checkpoint is of step {ck_step}, not {self.step}. Resume the run (run.resume=auto), or set "
+                "trainer.save_every=1 so that every step can be redone in place."
+            ) from None
+        for a in self.learners.actors:  # the survivors may hang in a collective with the dead rank
+            ray.kill(a, no_restart=True)
+        self.events["learner_rebuilds"] += 1
+        pg = getattr(self, "_pg", None)  # a colocated run's placement group: the new ranks reuse its bundles
+        kw = {"placement_group": pg} if pg is not None else {}
+        self.learners = LearnerGroup(str(ck / "model") if ck else self.model_path, self.cfg, **kw)
+        if ck is not None:
+            self.learners.load(str(ck))
+        self.learners.version = self.version
 
     def evaluate_with_workers(self) -> dict[str, float]:
         """Held-out accuracy with the current weights (eval sampling settings), through the workers."""

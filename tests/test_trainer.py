@@ -362,3 +362,88 @@ def test_killing_the_reward_service_after_it_scored_loses_no_group(tmp_path, tin
     assert m1["events/requeued_subbatches"] == m2["events/requeued_subbatches"] == 0
     assert m1["events/reward_restarts"] == 0 and m2["events/reward_restarts"] == 1
     assert ray.is_initialized()
+
+
+def _two_workers(tmp_path: Path, model: Path, name: str, steps: int = 2) -> list[str]:
+    """Overrides for runs with 2 rollout workers (and, where asked, 2 learner ranks) on 2 CPUs."""
+    return tiny_overrides(tmp_path, model, name, steps=steps) + [
+        "rollout.num_workers=2",
+        "rollout.worker_num_cpus=0.5",
+        "ray.learner_num_cpus=0.25",
+    ]
+
+
+@pytest.mark.slow
+def test_a_dead_learner_rank_is_rebuilt_and_the_step_redone(tmp_path, tiny_model_dir, ray_local):
+    """World size 2: rank 1 dies as step 2's learner step starts; the group is rebuilt from the step-1
+    checkpoint and the step redone (counted). Past trainer.learner_retries the run stops, saying why."""
+    import ray
+
+    from pyvision_rl.actors.learner import LearnerGroup
+    from pyvision_rl.trainer import Trainer
+
+    cfg = load_config(
+        REPO / "configs/tiny_cpu.yaml",
+        _two_workers(tmp_path, tiny_model_dir, "rank", steps=3)
+        + ["rollout.num_workers=1", "learner.world_size=2", "trainer.learner_retries=1"],
+    )
+    tr = Trainer(cfg)
+    try:
+        tr.train_one_step()
+        tr.save_checkpoint()  # step 1
+        group = tr.learners
+        real = LearnerGroup.train_step
+
+        def rank_dies(self, refs):
+            ray.kill(self.actors[1], no_restart=True)  # dies with the step's calls about to arrive
+            return real(self, refs)
+
+        group.train_step = rank_dies.__get__(group)
+        m = tr.train_one_step()
+        assert tr.learners is not group and m["events/learner_rebuilds"] == 1
+        assert m["filter/trajectories_trained"] > 0 and math.isfinite(m["train/loss"])
+        assert len(tr.learners.actors) == 2
+        tr.save_checkpoint()  # step 2
+        LearnerGroup.train_step = rank_dies  # every attempt of step 3 loses a rank
+        try:
+            with pytest.raises(RuntimeError, match=r"failed 2 times at step 3 \(trainer.learner_retries=1\)"):
+                tr.train_one_step()
+        finally:
+            LearnerGroup.train_step = real
+        assert tr.events["learner_rebuilds"] == 2
+    finally:
+        tr.shutdown()
+
+
+@pytest.mark.slow
+def test_deterministic_runs_agree(tmp_path, tiny_model_dir, ray_local):
+    """run.deterministic: two 2-step runs of the same config and seed, 2 rollout workers each, log the same
+    metrics (all but timings)."""
+    from pyvision_rl.trainer import Trainer
+
+    def run(name: str) -> list[dict]:
+        cfg = load_config(
+            REPO / "configs/tiny_cpu.yaml",
+            _two_workers(tmp_path, tiny_model_dir, name)
+            + ["run.deterministic=true", "trainer.save_every=10"],
+        )
+        tr = Trainer(cfg)
+        try:
+            tr.fit()
+        finally:
+            tr.shutdown()
+        timing = ("time/", "throughput/")
+        return [
+            {k: v for k, v in r.items() if not k.startswith(timing) and not k.endswith(("_s", "_ms"))}
+            for r in read_metrics(cfg.run_dir())
+        ]
+
+    a, b = run("det_a"), run("det_b")
+    assert [r["step"] for r in a] == [1, 2]
+    diff = {
+        k: (x.get(k), y.get(k))
+        for x, y in zip(a, b, strict=True)
+        for k in x.keys() | y.keys()
+        if x.get(k) != y.get(k)
+    }
+    assert not diff, diff

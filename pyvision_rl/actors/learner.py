@@ -42,6 +42,12 @@ class Learner:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(master_port)
         if self.cfg.learner.num_gpus_per_rank > 0:
             os.environ.setdefault("LOCAL_RANK", "0")  # Ray sets CUDA_VISIBLE_DEVICES to this rank's GPU
+        if self.cfg.run.deterministic:  # the same kernels and reduction orders every run (README)
+            import torch
+
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.manual_seed(self.cfg.run.seed + self.rank)
         self.learner = PolicyLearner(
             self.model_path,
             self.cfg.learner,
@@ -153,7 +159,12 @@ class LearnerGroup:
         self.version = 0
 
     def _all(self, method: str, *args) -> list:
-        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        pending = refs
+        while pending:  # a dead rank raises at once, not after the others time out in a collective with it
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
+        return ray.get(refs)
 
     def train_step(self, refs: Sequence) -> dict[str, float]:
         """One RL step on the group refs (each rank fetches `refs[rank::W]`); metrics are already all-reduced."""
