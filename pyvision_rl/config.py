@@ -240,6 +240,14 @@ class RewardConfig(_Section):
 class LearnerConfig(_Section):
     world_size: int = Field(1, description="Learner ranks (DeepSpeed processes).")
     num_gpus_per_rank: float = Field(0.0, description="GPUs per learner rank (0: CPU/gloo).")
+    placement: Literal["split", "colocated"] = Field(
+        "split",
+        description="'split': learner ranks and rollout engines on separate GPUs. 'colocated' (the release's "
+        "hybrid engine): rank i and RolloutWorker i share bundle i ({GPU: 1}) of one placement group, with "
+        "learner.num_gpus_per_rank + rollout.worker_num_gpus <= 1 (e.g. 0.5 each) and rollout.num_workers = "
+        "world_size; the engines sleep (KV cache and weights released) during the learner step, wake, then "
+        "get the weights from the rank on their GPU (sync.backend auto: colocated).",
+    )
     zero_stage: int = Field(2, description="DeepSpeed ZeRO stage (0-3).")
     lr: float = Field(1e-6, description="Learning rate (paper: 1e-6).")
     weight_decay: float = Field(0.0, description="AdamW weight decay.")
@@ -259,7 +267,7 @@ class LearnerConfig(_Section):
 
 
 class SyncConfig(_Section):
-    backend: Literal["object_store", "nccl", "gloo", "in_process", "auto"] = Field(
+    backend: Literal["object_store", "nccl", "gloo", "in_process", "colocated", "auto"] = Field(
         "auto",
         description="Weight sync: object store (CPU), NCCL broadcast (GPU), gloo broadcast (CPU, tests), "
         "in_process (same-process engines); auto picks object_store on CPU and nccl on GPU.",

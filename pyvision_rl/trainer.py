@@ -214,10 +214,11 @@ class Trainer:
     def _start_actors(self, policy_path: str) -> None:
         import ray
 
-        from pyvision_rl.actors.learner import LearnerGroup
+        from pyvision_rl.actors.learner import LearnerGroup, colocated_placement, in_bundle
         from pyvision_rl.actors.reward import RewardService
         from pyvision_rl.actors.rollout import RolloutWorker
         from pyvision_rl.actors.sandbox import SandboxPool
+        from pyvision_rl.actors.weight_sync import nccl_env
 
         cfg = self.cfg
         init_ray(cfg)
@@ -233,13 +234,18 @@ class Trainer:
             ).remote(cfg.sandbox.model_dump(mode="json"))
             for _ in range(cfg.sandbox.num_pools)
         ]
+        # colocated: worker i and learner rank i share bundle i (one GPU) of one placement group
+        self.colocated = cfg.learner.placement == "colocated"
+        pg = colocated_placement(cfg) if self.colocated else None
         self.workers = [
             RolloutWorker.options(
                 num_cpus=cfg.rollout.worker_num_cpus,
                 num_gpus=cfg.rollout.worker_num_gpus,
                 max_restarts=restarts,
+                runtime_env={"env_vars": nccl_env()},  # the learner's NCCL settings (weight-sync group)
+                **in_bundle(pg, i),
             ).remote(policy_path, cfg_dict, self.pools)
-            for _ in range(cfg.rollout.num_workers)
+            for i in range(cfg.rollout.num_workers)
         ]
         self.rewards = [
             RewardService.options(num_cpus=cfg.ray.reward_num_cpus, max_restarts=restarts).remote(
@@ -248,7 +254,8 @@ class Trainer:
             for _ in range(cfg.reward.num_services)
         ]
         self._reward_pids: dict[int, Any] = {}  # service index -> pid of its last report
-        self.learners = LearnerGroup(policy_path, cfg)
+        self._pg = pg
+        self.learners = LearnerGroup(policy_path, cfg, placement_group=pg)
         self._worker_pids = {
             i: p["pid"] for i, p in enumerate(ray.get([w.ping.remote() for w in self.workers]))
         }
@@ -487,7 +494,8 @@ class Trainer:
             self._worker_pids[i] = info.get("pid")
             log.warning("RolloutWorker %d was restarted (pid %s)", i, info.get("pid"))
         if int(info.get("version", -1)) != self.version:
-            self.learners.sync_weights([self.workers[i]], self.version)
+            # colocated: rank j feeds worker j, so every worker gets the (unchanged) weights again
+            self.learners.sync_weights(self.workers if self.colocated else [self.workers[i]], self.version)
             ray.get(self.workers[i].set_version.remote(self.version))
 
     def _discard(self, leftover: list[_SubBatch]) -> None:
@@ -529,6 +537,8 @@ class Trainer:
         return last
 
     def train_one_step(self) -> dict[str, Any]:
+        import ray
+
         cfg = self.cfg
         t_step = time.perf_counter()
         st = self._collect_step()
@@ -556,12 +566,17 @@ class Trainer:
             raise RuntimeError("the driver's selection kept a trajectory the RewardService dropped (a bug)")
         trained = [st.summaries[i] for i in ranked]
         self._prefetch()
+        if self.colocated:  # the learner step gets the GPUs: engines free their KV cache and weights
+            self._finish_streams()
+            ray.get([w.sleep.remote() for w in self.workers])
         t0 = time.perf_counter()
         train_metrics = self._train_redoable([refs[i] for i in ranked])
         t_train = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.version += 1
         self._finish_streams()
+        if self.colocated:  # wake first: the weights are loaded into the awake engine
+            ray.get([w.wake.remote() for w in self.workers])
         self.learners.sync_weights(self.workers, self.version)
         t_sync = time.perf_counter() - t0
         self.step += 1

@@ -2,6 +2,11 @@
 
 The driver passes ObjectRefs (one per accepted group, from the RewardService); each rank takes
 `refs[rank::W]` and fetches only those, so trajectories never pass through the driver.
+
+Placement (`learner.placement`): 'split' gives each rank its own `num_gpus_per_rank`; 'colocated' puts rank i
+in bundle i ({GPU: 1}) of one placement group that the driver also schedules RolloutWorker i into
+(`colocated_placement`), so a rank and an engine share each GPU with fractional GPU requests, as the
+release's hybrid engine does.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Any
 
 import ray
 
-from pyvision_rl.config import Config
+from pyvision_rl.config import Config, ConfigError
 from pyvision_rl.learner.batching import shard_for_rank
 from pyvision_rl.learner.weight_sync import make_sync_backend, pack_bucket
 
@@ -92,14 +97,23 @@ class Learner:
         sd = self.learner.state_dict_for_sync()
         return sd if self.rank == 0 else None
 
-    def param_metadata(self) -> list:
-        return self.learner.param_metadata()
+    def param_metadata(self, trainable_only: bool = False) -> list:
+        return self.learner.param_metadata(trainable_only)
+
+    def placement(self) -> dict[str, Any]:
+        """Where this rank runs: node, GPU ids Ray assigned, CUDA_VISIBLE_DEVICES (placement tests)."""
+        return {
+            "node": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "nccl_cumem_enable": os.environ.get("NCCL_CUMEM_ENABLE"),
+        }
 
     # ---- weight sync (see pyvision_rl.actors.weight_sync)
-    def publish_weights(self, bucket_mb: int) -> list | None:
+    def publish_weights(self, bucket_mb: int, trainable_only: bool = False) -> list | None:
         """All ranks gather (ZeRO-3); rank 0 puts packed buckets in the object store and returns the refs."""
         refs = []
-        for bucket in self.learner.iter_weight_buckets(bucket_mb):
+        for bucket in self.learner.iter_weight_buckets(bucket_mb, trainable_only=trainable_only):
             if self.rank == 0:
                 refs.append(ray.put(pack_bucket(bucket)))
         return refs if self.rank == 0 else None
@@ -113,19 +127,35 @@ class Learner:
         self._sync_pg = new_process_group(addr, port, 0, world_size, backend)
         return True
 
-    def broadcast_weights(self, bucket_mb: int) -> int:
+    def broadcast_weights(self, bucket_mb: int, trainable_only: bool = False) -> int:
         """All ranks gather (ZeRO-3); rank 0 broadcasts each bucket to the engines over the sync group."""
         from pyvision_rl.actors.weight_sync import broadcast
         from pyvision_rl.learner.weight_sync import flatten_bucket
 
         n = 0
         device = str(self.learner.device)
-        for bucket in self.learner.iter_weight_buckets(bucket_mb, device=device):
+        for bucket in self.learner.iter_weight_buckets(bucket_mb, device, trainable_only):
             if self.rank == 0:
                 flat = flatten_bucket(bucket)
                 broadcast(self._sync_pg, flat)
                 n += flat.numel()
         return n
+
+    def push_colocated(
+        self, engine: Any, bucket_mb: int, trainable_only: bool, version: int
+    ) -> tuple[int, int]:
+        """All ranks gather (ZeRO-3); every rank hands each bucket to `engine`, the one on its own GPU
+        (CUDA IPC handle; bytes by value on CPU), and waits for it before freeing the bucket."""
+        from pyvision_rl.actors.weight_sync import _call_on, _get, colocated_payload, receive_colocated
+
+        n = buckets = 0
+        device = str(self.learner.device)
+        for bucket in self.learner.iter_weight_buckets(bucket_mb, device, trainable_only):
+            payload, meta = colocated_payload(bucket)
+            n += _get([_call_on(engine, receive_colocated, payload, meta, version)])[0]
+            buckets += 1
+            del payload, bucket
+        return n, buckets
 
     def shutdown(self) -> bool:
         if self.learner is not None:
@@ -133,28 +163,76 @@ class Learner:
         return True
 
 
+def colocated_placement(cfg: Config):
+    """The placement group of a colocated run: bundle i = {GPU: 1, CPU: rank's + worker's CPUs} holds learner
+    rank i and RolloutWorker i (each with its fractional GPU). Checks the config first (ConfigError)."""
+    from ray.util.placement_group import placement_group
+
+    lc, rc = cfg.learner, cfg.rollout
+    problems = []
+    if rc.num_workers != lc.world_size:
+        problems.append(
+            f"rollout.num_workers ({rc.num_workers}) must equal learner.world_size ({lc.world_size})"
+        )
+    if not (0 < lc.num_gpus_per_rank < 1 and 0 < rc.worker_num_gpus < 1):
+        problems.append(
+            f"learner.num_gpus_per_rank ({lc.num_gpus_per_rank:g}) and rollout.worker_num_gpus "
+            f"({rc.worker_num_gpus:g}) must be fractions of one GPU (e.g. 0.5 each)"
+        )
+    elif lc.num_gpus_per_rank + rc.worker_num_gpus > 1 + 1e-9:
+        problems.append("learner.num_gpus_per_rank + rollout.worker_num_gpus must be <= 1 (one GPU per pair)")
+    if cfg.trainer.max_staleness != 0:
+        problems.append(
+            "trainer.max_staleness must be 0 (rollouts cannot run while the learner holds the GPU)"
+        )
+    if problems:
+        raise ConfigError("learner.placement=colocated: " + "; ".join(problems) + ".")
+    cpus = cfg.ray.learner_num_cpus + rc.worker_num_cpus
+    pg = placement_group([{"GPU": 1.0, "CPU": cpus}] * lc.world_size, strategy="PACK")
+    ray.get(pg.ready(), timeout=600)
+    return pg
+
+
+def in_bundle(pg, i: int) -> dict[str, Any]:
+    """Actor options that schedule into bundle `i` of `pg` (nothing when `pg` is None)."""
+    if pg is None:
+        return {}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)}
+
+
 class LearnerGroup:
     """W Learner actors (`learner.world_size`) with their process group, as the driver uses them.
 
-    `LearnerGroup(model_path, cfg)`; `train_step(refs) -> metrics`; `sft_step(refs, lr)`;
+    `LearnerGroup(model_path, cfg, placement_group=None)` (a colocated run passes `colocated_placement(cfg)`:
+    rank i goes into bundle i); `train_step(refs) -> metrics`; `sft_step(refs, lr)`;
     `sync_weights(engines, version) -> stats`; `save(dir)`; `load(dir)`; `shutdown()`.
     """
 
-    def __init__(self, model_path: str, cfg: Config) -> None:
+    def __init__(self, model_path: str, cfg: Config, placement_group: Any = None) -> None:
+        from pyvision_rl.actors.weight_sync import nccl_env
+
         self.cfg = cfg
         lc = cfg.learner
         W = lc.world_size
         cfg_dict = cfg.model_dump(mode="json")
         self.actors = [
-            Learner.options(num_cpus=cfg.ray.learner_num_cpus, num_gpus=lc.num_gpus_per_rank).remote(
-                model_path, cfg_dict, r, W
-            )
+            Learner.options(
+                num_cpus=cfg.ray.learner_num_cpus,
+                num_gpus=lc.num_gpus_per_rank,
+                runtime_env={"env_vars": nccl_env()},
+                **in_bundle(placement_group, r),
+            ).remote(model_path, cfg_dict, r, W)
             for r in range(W)
         ]
         addr, port = ray.get(self.actors[0].address.remote())
         ray.get([a.setup.remote(addr, port) for a in self.actors])  # all ranks join together
         self.sync_backend = make_sync_backend(
-            cfg.sync.backend, cfg.sync.bucket_mb, on_gpu=lc.num_gpus_per_rank > 0
+            cfg.sync.backend,
+            cfg.sync.bucket_mb,
+            on_gpu=lc.num_gpus_per_rank > 0,
+            colocated=lc.placement == "colocated",
         )
         self.version = 0
 

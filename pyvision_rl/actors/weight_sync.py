@@ -5,6 +5,10 @@
 - `nccl`: learner rank 0 and every engine join a second process group (TCPStore on rank 0's node) once; each
   sync broadcasts the gathered buckets from rank 0 straight into the engines' GPUs. `gloo` is the same
   code on CPU (tests run it here). Importable without a GPU: NCCL is only touched when used.
+- `colocated`: learner rank i and engine i share a GPU (`learner.placement=colocated`). Under ZeRO-3 every
+  rank gathers each bucket anyway, so each rank hands its own copy to its own engine: on GPU a CUDA IPC
+  handle of the bucket's buffer (the engine maps the learner's memory and copies from it; no NCCL, no
+  host round trip), on CPU the packed bytes by value. The rank frees a bucket only after its engine is done.
 
 Code runs inside an engine actor through Ray's `__ray_call__`, so an engine actor only needs the
 `update_weights(named_tensors, version)` method; a plain in-process engine object works too.
@@ -12,6 +16,7 @@ Code runs inside an engine actor through Ray's `__ray_call__`, so an engine acto
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Sequence
@@ -32,6 +37,19 @@ from pyvision_rl.learner.weight_sync import (
     unflatten_bucket,
     unpack_bucket,
 )
+
+
+def nccl_env() -> dict[str, str]:
+    """NCCL settings for every learner and engine actor (their `runtime_env`), identical on both sides of a
+    weight-sync group. vLLM used to turn NCCL's cuMem allocator off in its workers (NCCL_CUMEM_ENABLE=0) and
+    a learner with it on then failed or hung in the broadcast (NVSwitch machines; SkyRL set the same value
+    on both sides to fix it). NCCL 2.22.3 fixed the underlying bug and newer vLLM leaves it on, but mixed
+    settings still differ in memory use, so one value everywhere: the driver's if set, else 0, plus every
+    other NCCL_* variable of the driver (interfaces, IB HCAs, debug)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}
+    env.setdefault("NCCL_CUMEM_ENABLE", "0")
+    return env
+
 
 _GROUP_ATTR = "_pyvision_weight_group"
 
@@ -68,10 +86,11 @@ class ObjectStoreSync(WeightSyncBackend):
     def sync(self, source: Any, engines: Sequence[Any], version: int) -> dict[str, float]:
         t0 = time.perf_counter()
         actors = getattr(source, "actors", None)
+        trainable = self.trainable_only(engines)
         if actors is not None:  # every rank joins the ZeRO-3 gathers; rank 0 returns the refs
-            refs = ray.get([a.publish_weights.remote(self.bucket_mb) for a in actors])[0]
+            refs = ray.get([a.publish_weights.remote(self.bucket_mb, trainable) for a in actors])[0]
         else:
-            refs = source.publish_weights(self.bucket_mb)
+            refs = source.publish_weights(self.bucket_mb, trainable)
         n_buckets = len(refs)
         nbytes = _get([_call_on(e, apply_packed_buckets, refs, version) for e in engines])
         del refs  # the buckets leave the object store once the engines are done
@@ -149,7 +168,7 @@ class CollectiveSync(WeightSyncBackend):
     def __init__(self, bucket_mb: int = 256) -> None:
         super().__init__(bucket_mb)
         self._engine_ids: list[Any] | None = None
-        self.metadata: list[ParamMeta] | None = None
+        self.metadata: dict[bool, list[ParamMeta]] = {}  # trainable_only -> metadata
 
     def _setup(self, source: Any, engines: Sequence[Any]) -> None:
         rank0 = source.actors[0]
@@ -160,7 +179,10 @@ class CollectiveSync(WeightSyncBackend):
             _call_on(e, join_group, addr, port, i + 1, world, self.backend) for i, e in enumerate(engines)
         ]
         _get(calls)
-        self.metadata = ray.get(rank0.param_metadata.remote())
+        self.metadata = dict(
+            zip((False, True), ray.get([rank0.param_metadata.remote(t) for t in (False, True)]), strict=True)
+        )
+        self._synced.clear()  # a new group: the engines get everything once more
         self._engine_ids = [id(e) if not hasattr(e, "_actor_id") else e._actor_id for e in engines]
 
     def sync(self, source: Any, engines: Sequence[Any], version: int) -> dict[str, float]:
@@ -169,9 +191,10 @@ class CollectiveSync(WeightSyncBackend):
         # A restarted engine actor lost its group: set the whole group up again.
         if ids != self._engine_ids or not all(_get([_call_on(e, has_group) for e in engines])):
             self._setup(source, engines)
-        buckets = plan_buckets(self.metadata, self.bucket_mb)
+        trainable = self.trainable_only(engines)
+        buckets = plan_buckets(self.metadata[trainable], self.bucket_mb)
         recv = [_call_on(e, receive_broadcast, buckets, version) for e in engines]
-        send = [a.broadcast_weights.remote(self.bucket_mb) for a in source.actors]
+        send = [a.broadcast_weights.remote(self.bucket_mb, trainable) for a in source.actors]
         got = _get(recv + send)
         return {
             "seconds": time.perf_counter() - t0,
@@ -193,3 +216,60 @@ class GlooSync(CollectiveSync):
     """The collective path over gloo on CPU (tests and CPU clusters without a shared object store)."""
 
     backend = "gloo"
+
+
+# ----------------------------------------------------------------------------------------- colocated
+
+
+def receive_colocated(engine: Any, payload: Any, bucket: list[ParamMeta], version: int) -> int:
+    """Engine side: map the bucket (a CUDA IPC handle of the rank's buffer, or packed bytes), load it,
+    and wait for the copies, since the rank frees the buffer as soon as this returns."""
+    if isinstance(payload, PackedBucket):
+        engine.update_weights(unpack_bucket(payload), version)
+        return payload.nbytes
+    rebuild, args = payload  # torch.multiprocessing.reductions.reduce_tensor of the flat bucket
+    flat = rebuild(*args)
+    engine.update_weights(unflatten_bucket(flat, bucket), version)
+    torch.cuda.synchronize(flat.device)
+    return flat.numel()
+
+
+def colocated_payload(named: dict[str, torch.Tensor]) -> tuple[Any, list[ParamMeta]]:
+    """Learner side: what travels to the colocated engine for one bucket, and the bucket's metadata."""
+    from pyvision_rl.learner.weight_sync import flatten_bucket, pack_bucket
+
+    meta = [(k, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for k, t in named.items()]
+    if next(iter(named.values())).is_cuda:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        flat = flatten_bucket(named)
+        return reduce_tensor(flat), meta  # keeps `flat` alive through its storage until the engine is done
+    return pack_bucket(named), meta
+
+
+@register_sync_backend("colocated")
+class ColocatedSync(WeightSyncBackend):
+    """Rank i -> engine i on the same GPU. `source` is a LearnerGroup; `engines[i]` sits on rank i's GPU
+    (`learner.placement=colocated`: as many engines as ranks)."""
+
+    def sync(self, source: Any, engines: Sequence[Any], version: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        actors = source.actors
+        if len(engines) != len(actors):
+            raise ValueError(
+                f"colocated weight sync: {len(engines)} engines for {len(actors)} learner ranks; with "
+                "learner.placement=colocated set rollout.num_workers = learner.world_size"
+            )
+        trainable = self.trainable_only(engines)
+        got = ray.get(
+            [
+                a.push_colocated.remote(e, self.bucket_mb, trainable, version)
+                for a, e in zip(actors, engines, strict=True)
+            ]
+        )
+        return {
+            "seconds": time.perf_counter() - t0,
+            "bytes": float(got[0][0]) if got else 0.0,
+            "buckets": float(got[0][1]) if got else 0.0,
+            "version": version,
+        }

@@ -190,20 +190,22 @@ class PolicyLearner:
     # ------------------------------------------------------------------ setup
     def _ds_config(self, model: torch.nn.Module) -> dict[str, Any]:
         """ZeRO settings sized from the hidden size as HF's DeepSpeed integration does for "auto": buckets
-        of hidden^2 elements, and parameters under 10 x hidden (norms, biases) kept whole on every rank
-        instead of gathered one by one (a 0 threshold makes each of them a collective)."""
+        of hidden^2 elements (at least DeepSpeed's 5e7: smaller prefetch buckets left a prefetched parameter
+        in flight after an eval forward, seen with the tiny model), and parameters under 10 x hidden (norms,
+        biases) kept whole on every rank instead of gathered one by one (0 makes each one a collective)."""
         text = getattr(model.config, "text_config", model.config)
         h = int(text.hidden_size)
+        bucket = max(h * h, int(5e7))
         zero: dict[str, Any] = {"stage": self.cfg.zero_stage}
         if self.cfg.zero_stage >= 2:
             # overlap_comm on GPU only: gloo has no separate stream to overlap on.
             zero.update(
-                overlap_comm=self.device.type == "cuda", contiguous_gradients=True, reduce_bucket_size=h * h
+                overlap_comm=self.device.type == "cuda", contiguous_gradients=True, reduce_bucket_size=bucket
             )
         if self.cfg.zero_stage == 3:
             zero.update(
                 stage3_param_persistence_threshold=10 * h,
-                stage3_prefetch_bucket_size=int(0.9 * h * h),
+                stage3_prefetch_bucket_size=bucket,
                 stage3_max_live_parameters=int(1e9),
                 stage3_max_reuse_distance=int(1e9),
             )
@@ -289,7 +291,7 @@ class PolicyLearner:
 
         Returns metrics averaged over ranks: loss, pg_loss, clip_frac, dual_clip_frac, approx_kl, entropy
         (only with learner.entropy_coef > 0: it costs a softmax over the vocabulary per token), kl_ref,
-        grad_norm, tokens, trajectories, adv_abs_mean, rollout_logp_abs_diff, lr, time_s.
+        grad_norm, tokens (model tokens), seq_tokens, trajectories, adv_abs_mean, rollout_logp_abs_diff, lr, time_s.
         """
         t0 = time.perf_counter()
         flat = [t for x in trajs for t in (x if isinstance(x, (list, tuple)) else [x])]
@@ -351,13 +353,17 @@ class PolicyLearner:
                 if gn is not None:
                     grad_norms.append(float(gn))
         keys = list(sums)
-        red = self._all_reduce([sums[k] for k in keys] + [tok_total, len(flat), float(adv.abs().sum())])
+        seq_tokens = float(sum(t.length for t in flat))
+        red = self._all_reduce(
+            [sums[k] for k in keys] + [tok_total, len(flat), float(adv.abs().sum()), seq_tokens]
+        )
         tot = max(red[len(keys)], 1.0)
         out = {k: red[i] / tot for i, k in enumerate(keys)}
         out["loss"] = red[0] / tot
         out["tokens"] = red[len(keys)] / self.cfg.ppo_epochs
         out["trajectories"] = red[len(keys) + 1]
         out["adv_abs_mean"] = red[len(keys) + 2] / max(red[len(keys) + 1], 1.0)
+        out["seq_tokens"] = red[len(keys) + 3]  # whole sequences (prompt + response): the forward's work
         out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else 0.0
         out["rollout_logp_abs_diff"] = self._all_reduce([m_old["rollout_logp_abs_diff"]])[0] / self.world_size
         if not want_entropy:
@@ -436,27 +442,32 @@ class PolicyLearner:
             with nullcontext():
                 yield
 
-    def param_metadata(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        """(name, dtype, full shape) of every parameter, in sync order (names as in `named_parameters`)."""
+    def param_metadata(self, trainable_only: bool = False) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, full shape) of every parameter (`trainable_only`: those the optimizer updates, i.e.
+        not the frozen vision tower), in sync order (names as in `named_parameters`)."""
         out = []
         for name, p in self.model.named_parameters():
+            if trainable_only and not p.requires_grad:
+                continue
             shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
             out.append((name, str(p.dtype).removeprefix("torch."), shape))
         return out
 
     def iter_weight_buckets(
-        self, bucket_mb: int = 256, device: str | None = None
+        self, bucket_mb: int = 256, device: str | None = None, trainable_only: bool = False
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Full (ZeRO-3 gathered) parameters in buckets of about `bucket_mb` MB, as {name: tensor} copies.
 
-        Buckets follow `weight_sync.plan_buckets(self.param_metadata(), bucket_mb)`. Every rank must iterate
+        Buckets follow `weight_sync.plan_buckets(self.param_metadata(trainable_only), bucket_mb)`; engines
+        built from the same checkpoint already hold the frozen parameters, so syncs after the first skip them
+        (the ViT is ~1.3 GB of a 7B model). Every rank must iterate
         it in lockstep under ZeRO-3 (the gathers are collective); only rank 0's copies are used. `device`
         (default cpu) is where the copies go ("cuda" keeps them on the GPU for a broadcast).
         """
         from pyvision_rl.learner.weight_sync import plan_buckets
 
         params = dict(self.model.named_parameters())
-        for bucket in plan_buckets(self.param_metadata(), bucket_mb):
+        for bucket in plan_buckets(self.param_metadata(trainable_only), bucket_mb):
             group = [params[name] for name, _, _ in bucket]
             with self._gathered(group):
                 yield {

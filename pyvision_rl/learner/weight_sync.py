@@ -14,8 +14,10 @@ Engine contract (what every receiver implements, HF and vLLM engines alike):
 `load_named_tensors(model, named)` is that copy for a plain HF model.
 
 Backends register by name (`register_sync_backend`); `make_sync_backend(cfg.sync, on_gpu)` picks one.
-`in_process` lives here; `object_store` and `nccl` (plus `gloo`, the same collective path on CPU) live in
-`pyvision_rl.actors.weight_sync` because they move data between Ray actors.
+`in_process` lives here; `object_store`, `nccl` (plus `gloo`, the same collective path on CPU) and
+`colocated` (CUDA IPC on a shared GPU) live in `pyvision_rl.actors.weight_sync` because they move data
+between Ray actors. The first sync to an engine sends every parameter; later ones only the trainable ones
+(engines are built from the learner's checkpoint, so the frozen vision tower never changes there).
 """
 
 from __future__ import annotations
@@ -178,6 +180,15 @@ class WeightSyncBackend(ABC):
 
     def __init__(self, bucket_mb: int = 256) -> None:
         self.bucket_mb = bucket_mb
+        self._synced: set = set()  # engines that already got the frozen parameters
+
+    def trainable_only(self, engines: Sequence[Any]) -> bool:
+        """True when every engine already got a full sync from this backend (then mark them all as synced:
+        call once per sync, before sending)."""
+        keys = [getattr(e, "_actor_id", None) or id(e) for e in engines]
+        done = all(k in self._synced for k in keys)
+        self._synced.update(keys)
+        return done
 
     @abstractmethod
     def sync(self, source: Any, engines: Sequence[Any], version: int) -> dict[str, float]:
@@ -194,7 +205,7 @@ class InProcessSync(WeightSyncBackend):
     def sync(self, source: Any, engines: Sequence[Any], version: int) -> dict[str, float]:
         t0 = time.perf_counter()
         nbytes = buckets = 0
-        for bucket in source.iter_weight_buckets(self.bucket_mb):
+        for bucket in source.iter_weight_buckets(self.bucket_mb, trainable_only=self.trainable_only(engines)):
             buckets += 1
             nbytes += sum(t.numel() * t.element_size() for t in bucket.values())
             for e in engines:
@@ -207,13 +218,16 @@ class InProcessSync(WeightSyncBackend):
         }
 
 
-def make_sync_backend(backend: str, bucket_mb: int = 256, on_gpu: bool | None = None) -> WeightSyncBackend:
-    """Backend by name (`sync.backend`); 'auto' is nccl when the learner is on GPU, else object_store."""
+def make_sync_backend(
+    backend: str, bucket_mb: int = 256, on_gpu: bool | None = None, colocated: bool = False
+) -> WeightSyncBackend:
+    """Backend by name (`sync.backend`); 'auto' is colocated for a colocated placement, else nccl when the
+    learner is on GPU and object_store on CPU."""
     import pyvision_rl.actors.weight_sync  # noqa: F401 - registers the Ray backends
 
     if backend == "auto":
         on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-        backend = "nccl" if on_gpu else "object_store"
+        backend = "colocated" if colocated else "nccl" if on_gpu else "object_store"
     if backend not in WEIGHT_SYNC_BACKENDS:
         raise ValueError(
             f"sync.backend={backend!r} is unknown; choose one of {sorted(WEIGHT_SYNC_BACKENDS)} or 'auto'"

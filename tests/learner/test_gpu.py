@@ -73,3 +73,48 @@ def test_nccl_sync_makes_the_gpu_engine_match(tiny_model_dir, other_model_dir):
         group.shutdown()
     finally:
         ray.shutdown()
+
+
+@needs_cuda
+def test_colocated_cuda_ipc_sync_on_one_gpu(tiny_model_dir, other_model_dir):
+    """Learner rank and HF engine share one GPU (0.5 each); the bucket crosses by CUDA IPC handle."""
+    import ray
+
+    from pyvision_rl.actors.learner import LearnerGroup, colocated_placement, in_bundle
+    from pyvision_rl.actors.rollout import RolloutWorker
+    from pyvision_rl.config import load_config
+
+    ray.init(num_gpus=1, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        cfg = load_config(
+            None,
+            [
+                "learner.placement=colocated",
+                "learner.num_gpus_per_rank=0.5",
+                "rollout.worker_num_gpus=0.5",
+                "rollout.num_workers=1",
+                "learner.world_size=1",
+                "learner.zero_stage=3",
+                "sandbox.backend=process",
+                "sync.bucket_mb=1",
+            ],
+        )
+        pg = colocated_placement(cfg)
+        worker = RolloutWorker.options(num_gpus=0.5, **in_bundle(pg, 0)).remote(
+            other_model_dir, cfg.model_dump(mode="json"), None
+        )
+        group = LearnerGroup(tiny_model_dir, cfg, placement_group=pg)
+        assert type(group.sync_backend).__name__ == "ColocatedSync"
+        stats = group.sync_weights([worker], version=4)
+        assert ray.get(worker.version.remote()) == 4 and stats["buckets"] >= 2
+        mine = group.state_dict_for_sync()
+        theirs = ray.get(
+            worker.__ray_call__.remote(
+                lambda self: {k: v.float().cpu() for k, v in self.engine.model.state_dict().items()}
+            )
+        )
+        for name, t in mine.items():
+            assert torch.equal(theirs[name], t.float().cpu()), name
+        group.shutdown()
+    finally:
+        ray.shutdown()
