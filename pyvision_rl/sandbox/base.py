@@ -3,8 +3,14 @@
 `Sandbox.open(images, videos) -> Kernel` gives a persistent interpreter for one trajectory;
 `Kernel.execute(code, timeout_s) -> ExecResult` never raises: a timeout, a crash or a dead box come back
 as an error result, and the next `execute` on the same Kernel transparently starts a fresh interpreter
-(the earlier variables are lost; the error text says so). `SandboxError` is raised only for setup
-problems a user must fix (no engine, no image, missing bubblewrap, unreadable task file).
+(the earlier variables are lost; the error text says so). A failure of the sandbox itself, not of the
+model's code (no box could be started, a box killed from outside), sets `ExecResult.sandbox_error`.
+`SandboxError` is raised only by `open` and setup: problems a user must fix (no engine, no image, missing
+bubblewrap, unreadable task file) or boxes that repeatedly fail to start.
+
+Under load nothing is charged to the model: at most `sandbox.max_starting` boxes start at once (a burst
+of opens waits its turn), and at most `sandbox.max_running` cells run at once, each cell's timeout
+starting only when it holds a run slot.
 
 Both backends run `kernel.py` as a long-lived process and talk to it over its stdin/stdout with
 length-prefixed JSON frames; only how the process is started, killed and how bytes travel differs.
