@@ -151,10 +151,10 @@ class Learner:
         n = buckets = 0
         device = str(self.learner.device)
         for bucket in self.learner.iter_weight_buckets(bucket_mb, device, trainable_only):
-            payload, meta = colocated_payload(bucket)
+            payload, meta, buffer = colocated_payload(bucket)
             n += _get([_call_on(engine, receive_colocated, payload, meta, version)])[0]
             buckets += 1
-            del payload, bucket
+            del payload, buffer, bucket  # the engine has copied: the GPU buffer may go
         return n, buckets
 
     def shutdown(self) -> bool:

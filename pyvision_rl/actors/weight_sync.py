@@ -234,8 +234,9 @@ def receive_colocated(engine: Any, payload: Any, bucket: list[ParamMeta], versio
     return flat.numel()
 
 
-def colocated_payload(named: dict[str, torch.Tensor]) -> tuple[Any, list[ParamMeta]]:
-    """Learner side: what travels to the colocated engine for one bucket, and the bucket's metadata."""
+def colocated_payload(named: dict[str, torch.Tensor]) -> tuple[Any, list[ParamMeta], Any]:
+    """Learner side: (what travels to the colocated engine for one bucket, the bucket's metadata, the
+    buffer the caller must keep alive until the engine has copied from it)."""
     from pyvision_rl.learner.weight_sync import flatten_bucket, pack_bucket
 
     meta = [(k, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for k, t in named.items()]
@@ -243,8 +244,8 @@ def colocated_payload(named: dict[str, torch.Tensor]) -> tuple[Any, list[ParamMe
         from torch.multiprocessing.reductions import reduce_tensor
 
         flat = flatten_bucket(named)
-        return reduce_tensor(flat), meta  # keeps `flat` alive through its storage until the engine is done
-    return pack_bucket(named), meta
+        return reduce_tensor(flat), meta, flat
+    return pack_bucket(named), meta, None
 
 
 @register_sync_backend("colocated")
