@@ -322,21 +322,47 @@ class Trainer:
         inflight = [sb for sb in self._carry if sb.ref is not None]
         self._carry = []
         consumed: set[int] = set()  # chunks with at least one scored sub-batch
-        complete: list[_SubBatch] = []  # scored in full, not yet folded into the step (deterministic order)
+        # Scored in full, not yet folded into the step (carried ones may have finished during training).
+        complete = [sb for sb in inflight if sb.stream_done and len(sb.results) == len(sb.groups)]
+
+        def fold() -> None:
+            """Fold complete sub-batches into the step in chunk order, whatever order they finished in (a
+            worker runs several at once): the step's data, and a resumed run's, do not depend on timing."""
+            while complete:
+                sb = min(inflight + list(pending), key=lambda s: (s.chunk, s.seed))
+                if sb not in complete:
+                    return
+                complete.remove(sb)
+                inflight.remove(sb)
+                consumed.add(sb.chunk)
+                order = {gid: k for k, (_, _, gid) in enumerate(sb.groups)}  # groups in chunk order too
+                for res, group_ref, traj_refs in sorted(
+                    sb.results, key=lambda r: order.get(r[0]["summaries"][0]["group_id"], 0)
+                ):
+                    base = len(st.summaries)
+                    st.accepted.extend((base + i, std, traj_refs[i]) for i, std in res["accepted"])
+                    st.summaries.extend(res["summaries"])
+                    st.rollouts.append((base, group_ref))
+                    for k, v in res.get("judge", {}).items():
+                        st.judge[k] = st.judge.get(k, 0) + v
+                    for k, v in res["drops"].items():
+                        st.drops[k] = st.drops.get(k, 0) + v
+
         new_chunks = 0
         max_inflight = len(self.workers) + 1
         t0 = time.perf_counter()
         while True:
+            fold()
             enough = len(st.accepted) >= need
             if (
                 not enough
                 and (cap <= 0 or new_chunks < cap)
                 and not pending
-                and len(inflight) < max_inflight
+                and len(inflight) - len(complete) < max_inflight
             ):
                 pending.extend(self._new_chunk())
                 new_chunks += 1
-            while pending and len(inflight) < max_inflight and not enough:
+            while pending and len(inflight) - len(complete) < max_inflight and not enough:
                 sb = pending.popleft()
                 self._submit(sb, self._next_worker % len(self.workers))
                 self._next_worker += 1
@@ -354,6 +380,8 @@ class Trainer:
             # Wait for the next streamed group of any sub-batch, or the next score report.
             objs = [sb.ref for sb in waiting if sb.ref is not None and not sb.stream_done]
             objs += [r for sb in waiting for r in sb.scoring]
+            if not objs:
+                raise RuntimeError(f"rollout collection stalled (a bug): {len(complete)} sub-batches wait to fold")
             (obj,), _ = ray.wait(objs, num_returns=1)
             if isinstance(obj, ray.ObjectRefGenerator):
                 sb = next(s for s in inflight if s.ref is obj)
@@ -389,28 +417,6 @@ class Trainer:
                 )
                 continue
             complete.append(sb)
-            while complete:
-                if cfg.run.deterministic:  # fold sub-batches in chunk order, whatever order they finish in
-                    sb = min(inflight + list(pending), key=lambda s: (s.chunk, s.seed))
-                    if sb not in complete:
-                        break
-                else:
-                    sb = complete[0]
-                complete.remove(sb)
-                inflight.remove(sb)
-                consumed.add(sb.chunk)
-                order = {gid: k for k, (_, _, gid) in enumerate(sb.groups)}  # merged in chunk order
-                for res, group_ref, traj_refs in sorted(
-                    sb.results, key=lambda r: order.get(r[0]["summaries"][0]["group_id"], 0)
-                ):
-                    base = len(st.summaries)
-                    st.accepted.extend((base + i, std, traj_refs[i]) for i, std in res["accepted"])
-                    st.summaries.extend(res["summaries"])
-                    st.rollouts.append((base, group_ref))
-                    for k, v in res.get("judge", {}).items():
-                        st.judge[k] = st.judge.get(k, 0) + v
-                    for k, v in res["drops"].items():
-                        st.drops[k] = st.drops.get(k, 0) + v
         leftover = inflight + list(pending)
         if leftover and cfg.trainer.max_staleness >= 1:
             self._carry = leftover
