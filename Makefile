@@ -36,7 +36,7 @@ setup: .venv/.stamp
 
 # Debian packages: docker engine, bubblewrap (process sandbox), debootstrap (offline sandbox image), chromium
 # (headless browser test of the rollout viewer).
-$(CACHE)/sysdeps.stamp:
+$(CACHE)/sysdeps.stamp: Makefile  # re-checked when the package list changes
 	@mkdir -p $(CACHE)
 	@missing=""; for p in docker.io bubblewrap debootstrap chromium; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
