@@ -270,7 +270,9 @@ class SyncConfig(_Section):
     backend: Literal["object_store", "nccl", "gloo", "in_process", "colocated", "auto"] = Field(
         "auto",
         description="Weight sync: object store (CPU), NCCL broadcast (GPU), gloo broadcast (CPU, tests), "
-        "in_process (same-process engines); auto picks object_store on CPU and nccl on GPU.",
+        "in_process (same-process engines), colocated (each learner rank hands its gathered buckets to the "
+        "engine on its GPU by CUDA IPC handles; bytes by value on CPU); auto picks colocated with "
+        "learner.placement=colocated, else object_store on CPU and nccl on GPU.",
     )
     bucket_mb: int = Field(256, description="Bucket size for weight transfer.")
 
