@@ -21,17 +21,6 @@ _REGISTRARS = [
 ]
 
 
-# Defaults for every process the command starts (Ray actors get them through the runtime env too):
-# offline hub, no telemetry, no per-load progress bars.
-QUIET_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyvision-rl",
@@ -50,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pyvision_rl import QUIET_ENV
+
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     parser = build_parser()

@@ -359,6 +359,10 @@ class RayConfig(_Section):
         default_factory=dict,
         description="Custom Ray resources per SandboxPool, to pin pools to CPU nodes (KubeRay: {sandbox: 1}).",
     )
+    reward_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per RewardService, e.g. {sandbox: 1}: next to the pools on CPU nodes.",
+    )
     learner_num_cpus: float = Field(1.0, description="CPUs per learner rank.")
 
 

@@ -136,6 +136,7 @@ class _Scoring:
     traj_refs: list
     service: int
     tries: int = 1
+    unavailable_since: float = 0.0  # when the service first answered "temporarily unavailable"
 
 
 @dataclass
@@ -248,9 +249,11 @@ class Trainer:
             for i in range(cfg.rollout.num_workers)
         ]
         self.rewards = [
-            RewardService.options(num_cpus=cfg.ray.reward_num_cpus, max_restarts=restarts).remote(
-                cfg.reward.model_dump(mode="json"), cfg.rollout.n
-            )
+            RewardService.options(
+                num_cpus=cfg.ray.reward_num_cpus,
+                resources=dict(cfg.ray.reward_resources) or None,
+                max_restarts=restarts,
+            ).remote(cfg.reward.model_dump(mode="json"), cfg.rollout.n)
             for _ in range(cfg.reward.num_services)
         ]
         self._reward_pids: dict[int, Any] = {}  # service index -> pid of its last report
@@ -394,6 +397,16 @@ class Trainer:
                 sc = sb.scoring.pop(obj)
                 try:
                     res = ray.get(obj)
+                except ray.exceptions.ActorUnavailableError as e:
+                    # Restarting, or its node is lost and not yet declared dead: ask again, bounded in time,
+                    # not counted as a try (a node loss answers this for seconds).
+                    since = sc.unavailable_since or time.monotonic()
+                    if time.monotonic() - since > 600:
+                        raise RuntimeError(f"RewardService {sc.service} unavailable for 600 s: {e}") from None
+                    time.sleep(0.2)
+                    self._score(sb, sc.group_ref, sc.tries)
+                    next(reversed(sb.scoring.values())).unavailable_since = since
+                    continue
                 except ray.exceptions.RayActorError as e:  # the reward service died: score it again
                     self.events["reward_restarts"] += 1
                     self._reward_pids[sc.service] = None
@@ -583,7 +596,12 @@ class Trainer:
         self._finish_streams()
         if self.colocated:  # wake first: the weights are loaded into the awake engine
             ray.get([w.wake.remote() for w in self.workers])
-        self.learners.sync_weights(self.workers, self.version)
+        try:
+            self.learners.sync_weights(self.workers, self.version)
+        except ray.exceptions.RayActorError as e:  # a worker (its node) was lost: it gets them once back
+            log.warning("weight sync v%d reached not every RolloutWorker (%s); recovering them", self.version, e)
+            for i in range(len(self.workers)):
+                self._recover_worker(i)
         t_sync = time.perf_counter() - t0
         self.step += 1
         t_total = time.perf_counter() - t_step

@@ -18,9 +18,10 @@ from typing import Any
 
 import ray
 
+from pyvision_rl.actors.weight_sync import make_sync_backend
 from pyvision_rl.config import Config, ConfigError
 from pyvision_rl.learner.batching import shard_for_rank
-from pyvision_rl.learner.weight_sync import make_sync_backend, pack_bucket
+from pyvision_rl.learner.weight_sync import pack_bucket
 
 log = logging.getLogger("pyvision_rl.learner")
 

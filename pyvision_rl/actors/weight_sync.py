@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from pyvision_rl.learner.weight_sync import (
+    WEIGHT_SYNC_BACKENDS,
     PackedBucket,
     ParamMeta,
     WeightSyncBackend,
@@ -274,3 +275,18 @@ class ColocatedSync(WeightSyncBackend):
             "buckets": float(got[0][1]) if got else 0.0,
             "version": version,
         }
+
+
+def make_sync_backend(
+    backend: str, bucket_mb: int = 256, on_gpu: bool | None = None, colocated: bool = False
+) -> WeightSyncBackend:
+    """Backend by name (`sync.backend`); 'auto' is colocated for a colocated placement, else nccl when the
+    learner is on GPU and object_store on CPU."""
+    if backend == "auto":
+        on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+        backend = "colocated" if colocated else "nccl" if on_gpu else "object_store"
+    if backend not in WEIGHT_SYNC_BACKENDS:
+        raise ValueError(
+            f"sync.backend={backend!r} is unknown; choose one of {sorted(WEIGHT_SYNC_BACKENDS)} or 'auto'"
+        )
+    return WEIGHT_SYNC_BACKENDS[backend](bucket_mb)

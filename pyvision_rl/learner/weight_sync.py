@@ -216,20 +216,3 @@ class InProcessSync(WeightSyncBackend):
             "buckets": float(buckets),
             "version": version,
         }
-
-
-def make_sync_backend(
-    backend: str, bucket_mb: int = 256, on_gpu: bool | None = None, colocated: bool = False
-) -> WeightSyncBackend:
-    """Backend by name (`sync.backend`); 'auto' is colocated for a colocated placement, else nccl when the
-    learner is on GPU and object_store on CPU."""
-    import pyvision_rl.actors.weight_sync  # noqa: F401 - registers the Ray backends
-
-    if backend == "auto":
-        on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-        backend = "colocated" if colocated else "nccl" if on_gpu else "object_store"
-    if backend not in WEIGHT_SYNC_BACKENDS:
-        raise ValueError(
-            f"sync.backend={backend!r} is unknown; choose one of {sorted(WEIGHT_SYNC_BACKENDS)} or 'auto'"
-        )
-    return WEIGHT_SYNC_BACKENDS[backend](bucket_mb)

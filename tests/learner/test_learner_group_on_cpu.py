@@ -122,7 +122,7 @@ class HFEngine:
 
 def test_sync_makes_engine_match_learner(tiny_model_dir, other_model_dir, batch):
     from pyvision_rl.actors.learner import LearnerGroup
-    from pyvision_rl.learner.weight_sync import make_sync_backend
+    from pyvision_rl.actors.weight_sync import make_sync_backend
 
     trajs, refs = batch
     engines = [HFEngine.remote(other_model_dir) for _ in range(2)]
