@@ -599,7 +599,7 @@ class Trainer:
         try:
             self.learners.sync_weights(self.workers, self.version)
         except ray.exceptions.RayActorError as e:  # a worker (its node) was lost: it gets them once back
-            log.warning("weight sync v%d reached not every RolloutWorker (%s); recovering them", self.version, e)
+            log.warning("weight sync v%d missed a RolloutWorker (%s); recovering them", self.version, e)
             for i in range(len(self.workers)):
                 self._recover_worker(i)
         t_sync = time.perf_counter() - t0
