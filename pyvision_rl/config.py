@@ -309,7 +309,7 @@ class TrainerConfig(_Section):
         "stop", description="At the chunk cap: stop with an error (the release) or train on what survived."
     )
     max_staleness: int = Field(0, description="0: strictly on-policy (paper); 1: one-step-off rollouts.")
-    save_every: int = Field(10, description="Checkpoint every k steps (and at the end).")
+    save_every: int = Field(10, ge=1, description="Checkpoint every k steps (and at the end).")
     keep_checkpoints: int = Field(2, description="Checkpoints kept on disk.")
     eval_every: int = Field(0, description="Held-out eval every k steps (0: only at the end).")
     max_actor_restarts: int = Field(3, description="Restarts per actor before the run stops.")

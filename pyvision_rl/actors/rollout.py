@@ -62,6 +62,7 @@ def make_engine(cfg: Config, policy_path: str) -> GenerationEngine:
             min_pixels=cfg.model.min_pixels,
             max_pixels=cfg.model.max_pixels,
             seed=cfg.run.seed,
+            seeded_requests=cfg.run.deterministic,
         )
     import torch
 

@@ -110,7 +110,8 @@ class VLLMEngine(GenerationEngine):
     """vLLM AsyncLLM over a Qwen-VL checkpoint dir (one per RolloutWorker; tensor parallel inside).
 
     `enforce_eager` None: eager on CPU (torch.compile adds ~1 min to a CPU start), compiled on GPU.
-    `image_cache` bounds the decoded-image LRU (entries).
+    `image_cache` bounds the decoded-image LRU (entries). `seeded_requests`: honour per-request seeds
+    (`run.deterministic`); otherwise they are dropped, since vLLM gives each seeded request its own generator.
     """
 
     def __init__(
@@ -125,6 +126,7 @@ class VLLMEngine(GenerationEngine):
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         seed: int = 0,
+        seeded_requests: bool = False,
         enforce_eager: bool | None = None,
         image_cache: int = 4096,
         **engine_kwargs: Any,
@@ -142,6 +144,7 @@ class VLLMEngine(GenerationEngine):
         from pyvision_rl.models.loading import load_processor
         from pyvision_rl.models.processing import special_ids
 
+        self.seeded_requests = seeded_requests
         self.processor = load_processor(model_path, min_pixels=min_pixels, max_pixels=max_pixels)
         self.tokenizer = self.processor.tokenizer
         sp = special_ids(self.tokenizer)
@@ -235,7 +238,7 @@ class VLLMEngine(GenerationEngine):
         from vllm.sampling_params import RequestOutputKind
 
         # Only when determinism is asked for: a seeded request gets its own generator (slow in vLLM).
-        seed = None if sampling.seed is None else int(sampling.seed) % (2**63)
+        seed = None if sampling.seed is None or not self.seeded_requests else int(sampling.seed) % (2**63)
         return VSP(
             n=1,
             temperature=max(sampling.temperature, 0.0),

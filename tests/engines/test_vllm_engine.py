@@ -60,7 +60,7 @@ def model_dir(request) -> Path:
 def engine(model_dir):
     if not HAS_VLLM:
         pytest.skip("vllm is not importable here: run `make test-vllm`")
-    eng = VLLMEngine(str(model_dir), max_model_len=4096, max_images=4)
+    eng = VLLMEngine(str(model_dir), max_model_len=4096, max_images=4, seeded_requests=True)
     yield eng
     eng.close()
 
@@ -207,6 +207,9 @@ def test_concurrent_requests_caps_seeds_and_image_cache(engine):
     assert [o.token_ids for o in again] == [o.token_ids for o in outs[:4]]
     assert eng._params(SamplingParams(seed=None), 8).seed is None
     assert eng._params(sampling, 8).seed is not None
+    eng.seeded_requests = False  # the default outside run.deterministic: seeds dropped (slow in vLLM)
+    assert eng._params(sampling, 8).seed is None
+    eng.seeded_requests = True
     pil_a, uuid_a = eng._multi_modal([pngs[0]])
     pil_b, uuid_b = eng._multi_modal([pngs[0]])
     assert pil_a[0] is pil_b[0] and uuid_a == uuid_b and uuid_a[0] is not None
