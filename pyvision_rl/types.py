@@ -1,4 +1,4 @@
-"""The data that moves between parts (DESIGN.md §3): Task, ExecResult, Trajectory, EndReason.
+"""The data that moves between parts (README, "Architecture"): Task, ExecResult, Trajectory, EndReason.
 
 Plain dataclasses, picklable, with no torch inside so they travel cheaply through Ray's object store.
 """

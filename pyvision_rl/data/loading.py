@@ -1,6 +1,6 @@
 """Load `Task`s from PyVision-RL rows or plain JSONL / JSON / Parquet, checking every row and its media.
 
-Two row shapes are accepted (DESIGN.md §3), per row, in any of the three file formats:
+Two row shapes are accepted (README, "Using it"), per row, in any of the three file formats:
 
 - PyVision-RL / verl rows: `prompt` (chat messages; the user text holds `<image>` + the formatted template),
   `reward_model.ground_truth`, `extra_info` (`question`, `index`, ...), `data_source`, `env_name`,

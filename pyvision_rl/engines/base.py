@@ -1,4 +1,4 @@
-"""The GenerationEngine contract (DESIGN.md §3): token ids + images in, new token ids + logprobs out.
+"""The GenerationEngine contract (README, "Architecture"): token ids + images in, new token ids + logprobs out.
 
 Engines never see text protocols: the agent loop gives them the full context as token ids (with the
 context's images, in order of their vision blocks) and gets back the sampled ids of one assistant turn.

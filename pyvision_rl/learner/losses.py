@@ -1,4 +1,4 @@
-"""GRPO advantages and the PPO policy loss (DESIGN §1), on plain torch tensors.
+"""GRPO advantages and the PPO policy loss (README, "Fidelity to PyVision-RL"), on plain torch tensors.
 
 Advantages are per trajectory: r - mean(group) (Dr.GRPO; `std_norm=True` divides by the group's std, GRPO).
 The loss is PPO's clipped surrogate with dual clip, averaged over model tokens only (token-mean over the mask).

@@ -1,4 +1,4 @@
-"""Oversample -> filter -> rank: which scored trajectories a step trains on, with which advantage (DESIGN §1).
+"""Oversample -> filter -> rank: which scored trajectories a step trains on, with which advantage (README, "Fidelity to PyVision-RL").
 
 The release's semantics (agents-x-project/PyVision-RL, `ray_trainer.fit` + `filter_fn_utils`), exactly:
 1. every trajectory gets its GRPO advantage `r - mean(full group)` (divided by the group's std with

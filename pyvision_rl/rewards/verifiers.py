@@ -16,7 +16,7 @@ Which verifier applies to a row is decided by its `data_source` through `DATA_SO
 own with `register_verifier` or `reward.verifiers`. Kind `judge` (the LLM judge, `rewards.judge`) is not a
 function here: `rewards.tool_reward.score_batch` batches those answers to the judge.
 
-A verifier function has the signature of DESIGN §3: `fn(answer, ground_truth, extra) -> float`, where
+A verifier function has the signature of the README's "Architecture" contracts: `fn(answer, ground_truth, extra) -> float`, where
 `answer` is the extracted boxed content and `extra` the trajectory's extra (a copy of `Task.extra`: options
 for multiple choice, a numeric tolerance, the question...). Verifiers are pure and fast.
 """
