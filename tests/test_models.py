@@ -15,13 +15,13 @@ from pyvision_rl.models import ModelLoadError, load_policy, load_processor, make
 from pyvision_rl.models.processing import (
     build_forward_inputs,
     check_vision_tokens,
-    count_vision_groups,
     encode_images,
     image_placeholder_ids,
     image_token_count,
     special_ids,
     suppressed_token_ids,
     token_logprobs,
+    vision_groups,
 )
 from pyvision_rl.types import ImageRef
 
@@ -152,7 +152,7 @@ def test_vision_token_checks(policy):
     img = _noise(112, 112, 3)
     _, grids = encode_images(processor, [img])
     ids = _sequence(tok, "q", grids)
-    assert count_vision_groups(ids, tok) == 1
+    assert len(vision_groups(ids, tok)) == 1
     assert check_vision_tokens(ids, grids, 2, tok)
     assert not check_vision_tokens(ids, [], 2, tok)
     assert not check_vision_tokens(ids, [(1, 8, 10)], 2, tok)

@@ -129,11 +129,6 @@ def vision_groups(ids: Sequence[int], tokenizer) -> list[int]:
     return groups
 
 
-def count_vision_groups(ids: Sequence[int], tokenizer) -> int:
-    """Number of image-token groups in `ids`."""
-    return len(vision_groups(ids, tokenizer))
-
-
 def check_vision_tokens(
     ids: Sequence[int], grids: Sequence[Sequence[int]], merge_size: int, tokenizer
 ) -> bool:
