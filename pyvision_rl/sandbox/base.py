@@ -506,7 +506,7 @@ class StreamKernel(Kernel):
                     self._sandbox.pool.discard(box)
                     self._box = None
                     what = (
-                        f"The sandbox failed: its box ended while running this cell ({why})"
+                        f"The sandbox failed: its box died while running this cell ({why})"
                         if infra
                         else f"The interpreter died ({why})"
                     )
