@@ -254,7 +254,7 @@ def bench_engines(model_dir: str, n_tasks: int, samples: int, reps: int, out: Pa
     from pyvision_rl.engines.hf import HFEngine
     from pyvision_rl.engines.vllm import VLLMEngine
     from pyvision_rl.models import load_processor
-    from pyvision_rl.sandbox.base import make_sandbox
+    from pyvision_rl.sandbox import make_sandbox
 
     work = Path(tempfile.mkdtemp(prefix="bench-engines-"))
     train, _ = make_dataset(work / "img", "color_count", n_tasks, 0, seed=0)
@@ -318,7 +318,7 @@ def run_async_section(args) -> int:
 
     from pyvision_rl.data.synthetic import make_dataset
     from pyvision_rl.models import load_processor, make_tiny_model
-    from pyvision_rl.sandbox.base import make_sandbox
+    from pyvision_rl.sandbox import make_sandbox
 
     work = Path(tempfile.mkdtemp(prefix="bench-async-"))
     model = make_tiny_model(work / "tiny")
@@ -367,7 +367,7 @@ def main() -> int:
 
     from pyvision_rl.data.synthetic import make_dataset
     from pyvision_rl.models import load_processor, make_tiny_model
-    from pyvision_rl.sandbox.base import make_sandbox
+    from pyvision_rl.sandbox import make_sandbox
 
     work = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     processor = load_processor(make_tiny_model(work / "tiny"))

@@ -27,7 +27,8 @@ import threading
 import time
 
 from pyvision_rl.config import SandboxConfig
-from pyvision_rl.sandbox.base import SandboxError, make_sandbox
+from pyvision_rl.sandbox import make_sandbox
+from pyvision_rl.sandbox.base import SandboxError
 
 IMAGE_CELL = (
     "w, h = image_clue_0.size\ncrop = image_clue_0.crop((w // 4, h // 4, 3 * w // 4, 3 * h // 4))\n"

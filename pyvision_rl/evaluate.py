@@ -103,7 +103,7 @@ def run_agent(
     from pyvision_rl.agent.loop import AgentLoop, LocalSandboxClient
     from pyvision_rl.engines.hf import HFEngine
     from pyvision_rl.rewards.tool_reward import score_trajectory
-    from pyvision_rl.sandbox.base import make_sandbox
+    from pyvision_rl.sandbox import make_sandbox
 
     engine = HFEngine(str(model_path), min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
     sandbox = make_sandbox(cfg.sandbox)

@@ -27,7 +27,7 @@ def expert_trajectories(
     from pyvision_rl.agent.scripted import ScriptedEngine
     from pyvision_rl.data.synthetic import expert_turns
     from pyvision_rl.models.loading import load_processor
-    from pyvision_rl.sandbox.base import make_sandbox
+    from pyvision_rl.sandbox import make_sandbox
 
     rng = random.Random(seed)
     processor = load_processor(model_path, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)

@@ -523,7 +523,8 @@ class Trainer:
 
         for sb in leftover:
             if sb.ref is not None:
-                ray.cancel(sb.ref, force=False)
+                # not recursive: the kernels its trajectories opened must still be closed by their tasks
+                ray.cancel(sb.ref, force=False, recursive=False)
         first = min(leftover, key=lambda sb: sb.chunk)
         self.cursor.load_state(first.cursor_start)
         self.chunk_seq = first.chunk
@@ -861,7 +862,7 @@ def init_ray(cfg: Config) -> None:
     if address:  # a job's runtime env comes from the submission (cluster/submit.sh)
         kw["address"] = address
     else:
-        from pyvision_rl.cli import QUIET_ENV
+        from pyvision_rl import QUIET_ENV
 
         kw["include_dashboard"] = cfg.ray.include_dashboard
         if cfg.ray.num_cpus:

@@ -102,7 +102,7 @@ class RolloutWorker:
         if sandbox_pools:
             client: Any = PoolSandboxClient(sandbox_pools)
         else:
-            from pyvision_rl.sandbox.base import make_sandbox
+            from pyvision_rl.sandbox import make_sandbox
 
             self._own_sandbox = make_sandbox(self.cfg.sandbox)
             client = LocalSandboxClient(self._own_sandbox)

@@ -94,32 +94,6 @@ class Sandbox(ABC):
         self.close()
 
 
-def make_sandbox(cfg: SandboxConfig | None = None) -> Sandbox:
-    """Build the backend named by `cfg.backend` ('docker', 'process', or 'auto': docker if an engine
-    answers and the image exists, else process)."""
-    cfg = cfg or SandboxConfig()
-    if cfg.backend == "docker":
-        from pyvision_rl.sandbox.docker_backend import DockerSandbox
-
-        return DockerSandbox(cfg)
-    if cfg.backend == "process":
-        from pyvision_rl.sandbox.process_backend import ProcessSandbox
-
-        return ProcessSandbox(cfg)
-    if cfg.backend == "auto":
-        from pyvision_rl.sandbox.docker_backend import docker_available
-
-        ok, _why = docker_available(cfg.image)
-        if ok:
-            from pyvision_rl.sandbox.docker_backend import DockerSandbox
-
-            return DockerSandbox(cfg)
-        from pyvision_rl.sandbox.process_backend import ProcessSandbox
-
-        return ProcessSandbox(cfg)
-    raise SandboxError(f"sandbox.backend={cfg.backend!r} is not one of docker, process, auto")
-
-
 # ------------------------------------------------------------------------------------------ framing
 def encode_frame(msg: dict) -> bytes:
     data = json.dumps(msg).encode("utf-8")

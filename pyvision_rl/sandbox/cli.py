@@ -18,7 +18,7 @@ def _png_size(png: bytes) -> list[int]:
 
 def _run(args: argparse.Namespace) -> int:
     from pyvision_rl.config import SandboxConfig
-    from pyvision_rl.sandbox.base import make_sandbox
+    from pyvision_rl.sandbox import make_sandbox
 
     with open(args.file, encoding="utf-8") as f:
         code = f.read()

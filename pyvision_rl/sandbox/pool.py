@@ -8,7 +8,8 @@ import time
 from collections import deque
 
 from pyvision_rl.config import SandboxConfig
-from pyvision_rl.sandbox.base import Kernel, Sandbox, make_sandbox
+from pyvision_rl.sandbox import make_sandbox
+from pyvision_rl.sandbox.base import Kernel, Sandbox
 from pyvision_rl.types import ExecResult
 
 

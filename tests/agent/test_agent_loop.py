@@ -42,7 +42,8 @@ def processor(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def sandbox():
-    from pyvision_rl.sandbox.base import SandboxError, make_sandbox
+    from pyvision_rl.sandbox import make_sandbox
+    from pyvision_rl.sandbox.base import SandboxError
 
     try:
         sb = make_sandbox(SandboxConfig(backend="process", warm_kernels=4, timeout_s=10))

@@ -15,7 +15,7 @@ def sandbox(request):
     reason = skip_reason(backend)
     if reason:
         pytest.skip(reason)
-    from pyvision_rl.sandbox.base import make_sandbox
+    from pyvision_rl.sandbox import make_sandbox
 
     sb = make_sandbox(sandbox_cfg(backend, reuse_kernels=reuse))
     yield sb

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from sandbox_helpers import BACKENDS, sandbox_cfg, skip_reason
 
-from pyvision_rl.sandbox.base import KernelDied, KernelTimeout, make_sandbox
+from pyvision_rl.sandbox import make_sandbox
+from pyvision_rl.sandbox.base import KernelDied, KernelTimeout
 from pyvision_rl.sandbox.pool import KernelPool
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from sandbox_helpers import BACKENDS, sandbox_cfg, skip_reason
 
-from pyvision_rl.sandbox.base import make_sandbox
+from pyvision_rl.sandbox import make_sandbox
 
 # Trajectory A does everything it can to leave a trace for the next trajectory in its box.
 POLLUTE = r"""
