@@ -35,6 +35,10 @@ class KernelPool:
         self._cond = threading.Condition()
         self._reserved = 0  # slots held by live or opening kernels
         self._waiting = 0
+        # A trajectory may be closed (cancelled) while its open still waits or starts a box: the open then
+        # gives its slot back instead of registering a kernel nobody will close.
+        self._opening: set[str] = set()
+        self._abandoned: set[str] = set()
         self._lat: deque[float] = deque(maxlen=10_000)
         self._open_lat: deque[float] = deque(maxlen=10_000)
         self._n_exec = 0
@@ -53,10 +57,21 @@ class KernelPool:
         t0 = time.monotonic()
         with self._cond:
             self._waiting += 1
+            self._opening.add(traj_id)
+            self._abandoned.discard(traj_id)
             try:
-                ok = self._cond.wait_for(lambda: self._reserved < self.cfg.max_kernels, timeout=wait_s)
+                ok = self._cond.wait_for(
+                    lambda: traj_id in self._abandoned or self._reserved < self.cfg.max_kernels,
+                    timeout=wait_s,
+                )
+                if traj_id in self._abandoned:
+                    self._opening.discard(traj_id)
+                    self._abandoned.discard(traj_id)
+                    return "closed while waiting for a kernel"
                 if ok:
                     self._reserved += 1
+                else:
+                    self._opening.discard(traj_id)
             finally:
                 self._waiting -= 1
         if not ok:
@@ -66,12 +81,21 @@ class KernelPool:
             kernel = self.sandbox.open(list(images or []), list(videos or []))
         except Exception as e:  # noqa: BLE001 - reported through the trajectory's results
             with self._cond:
+                self._opening.discard(traj_id)
+                self._abandoned.discard(traj_id)
                 self._reserved -= 1
                 self._cond.notify()
             return self._open_failed(traj_id, f"{type(e).__name__}: {e}")
         with self._cond:
-            self._kernels[traj_id] = kernel
+            self._opening.discard(traj_id)
+            abandoned = traj_id in self._abandoned
+            self._abandoned.discard(traj_id)
+            if not abandoned:
+                self._kernels[traj_id] = kernel
         self._open_lat.append(time.monotonic() - t0)
+        if abandoned:  # closed while its box started: nobody will close this kernel, so do it now
+            self._release(kernel)
+            return "closed while opening"
         return None
 
     def _open_failed(self, traj_id: str, why: str) -> str:
@@ -112,8 +136,13 @@ class KernelPool:
         with self._cond:
             kernel = self._kernels.pop(traj_id, None)
             self._failed.pop(traj_id, None)
-        if kernel is None:
-            return
+            if kernel is None and traj_id in self._opening:
+                self._abandoned.add(traj_id)  # its open gives the slot back
+                self._cond.notify_all()
+        if kernel is not None:
+            self._release(kernel)
+
+    def _release(self, kernel: Kernel) -> None:
         try:
             kernel.close()
         finally:

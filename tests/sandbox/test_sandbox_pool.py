@@ -102,3 +102,28 @@ def test_cli_sandbox_run(tmp_path, test_image):
     r = subprocess.run([sys.executable, "-m", "pyvision_rl.cli", "sandbox", "run", str(code), "--backend", "process"],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 1 and "ZeroDivisionError" in json.loads(r.stdout)["error"]
+
+
+def test_closing_a_trajectory_whose_open_waits_gives_the_slot_back():
+    """A trajectory cancelled while its open waits for a kernel (the driver discarding a sub-batch) must
+    not register a kernel afterwards that nobody closes: that leaked slots until the pool deadlocked."""
+    if skip_reason("process"):
+        pytest.skip(skip_reason("process"))
+    p = KernelPool(sandbox_cfg("process", max_kernels=1, warm_kernels=1))
+    try:
+        assert p.open("holder") is None
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault("waiter", p.open("waiter")))
+        t.start()
+        deadline = time.monotonic() + 10
+        while p.metrics()["sandbox/queue_depth"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        p.close("waiter")  # cancelled while queued
+        t.join(10)
+        assert not t.is_alive() and result["waiter"] is not None  # it gave up, not opened
+        p.close("holder")
+        assert p.live() == [] and p._reserved == 0
+        assert p.open("next", wait_s=10) is None  # the slot is free again
+        assert p.live() == ["next"]
+    finally:
+        p.shutdown()
