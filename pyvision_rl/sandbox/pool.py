@@ -90,9 +90,14 @@ class KernelPool:
             self._opening.discard(traj_id)
             abandoned = traj_id in self._abandoned
             self._abandoned.discard(traj_id)
+            # Two opens of one id (a re-submitted trajectory racing its cancelled twin) keep the newer
+            # kernel; the older one is released, never dropped with its slot still held.
+            replaced = None if abandoned else self._kernels.get(traj_id)
             if not abandoned:
                 self._kernels[traj_id] = kernel
         self._open_lat.append(time.monotonic() - t0)
+        if replaced is not None:
+            self._release(replaced)
         if abandoned:  # closed while its box started: nobody will close this kernel, so do it now
             self._release(kernel)
             return "closed while opening"

@@ -127,3 +127,22 @@ def test_closing_a_trajectory_whose_open_waits_gives_the_slot_back():
         assert p.live() == ["next"]
     finally:
         p.shutdown()
+
+
+def test_two_opens_of_one_trajectory_keep_one_kernel_and_one_slot():
+    """A re-submitted trajectory racing its cancelled twin opens the same id twice at once: the pool keeps
+    one kernel and frees the other's slot (dropping it leaked a slot per race)."""
+    if skip_reason("process"):
+        pytest.skip(skip_reason("process"))
+    p = KernelPool(sandbox_cfg("process", max_kernels=2, warm_kernels=2))
+    try:
+        ts = [threading.Thread(target=p.open, args=("twin",)) for _ in range(2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        assert p.live() == ["twin"] and p._reserved == 1
+        p.close("twin")
+        assert p._reserved == 0
+    finally:
+        p.shutdown()
