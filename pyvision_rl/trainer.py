@@ -357,12 +357,9 @@ class Trainer:
         while True:
             fold()
             enough = len(st.accepted) >= need
-            if (
-                not enough
-                and (cap <= 0 or new_chunks < cap)
-                and not pending
-                and len(inflight) - len(complete) < max_inflight
-            ):
+            # A new chunk only once every earlier one is folded: how many chunks a step uses (and so the
+            # cursor, the carry and a resumed run) then depends on the results, never on timing.
+            if not enough and (cap <= 0 or new_chunks < cap) and not pending and not inflight:
                 pending.extend(self._new_chunk())
                 new_chunks += 1
             while pending and len(inflight) - len(complete) < max_inflight and not enough:
