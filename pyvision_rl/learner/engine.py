@@ -44,6 +44,7 @@ def init_process_group(rank: int, world_size: int, backend: str | None = None) -
     if dist.is_initialized():
         return
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    chose_port = world_size == 1 and "MASTER_PORT" not in os.environ
     if world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -56,9 +57,16 @@ def init_process_group(rank: int, world_size: int, backend: str | None = None) -
     )
     import deepspeed
 
-    deepspeed.init_distributed(
-        dist_backend=backend, rank=rank, world_size=world_size, auto_mpi_discovery=False
-    )
+    for attempt in range(5):
+        try:
+            deepspeed.init_distributed(
+                dist_backend=backend, rank=rank, world_size=world_size, auto_mpi_discovery=False
+            )
+            return
+        except Exception as e:  # another process took the port between free_port() and the bind
+            if not chose_port or "EADDRINUSE" not in str(e) or attempt == 4:
+                raise
+            os.environ["MASTER_PORT"] = str(free_port())
 
 
 class LogProbModule(torch.nn.Module):
