@@ -1,4 +1,4 @@
-"""The sandbox contract (DESIGN.md §3) and the machinery both backends share.
+"""The sandbox contract (README, "Architecture") and the machinery both backends share.
 
 `Sandbox.open(images, videos) -> Kernel` gives a persistent interpreter for one trajectory;
 `Kernel.execute(code, timeout_s) -> ExecResult` never raises: a timeout, a crash or a dead box come back
