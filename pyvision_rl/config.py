@@ -183,7 +183,9 @@ class SandboxConfig(_Section):
 class FilterConfig(_Section):
     """The release's filters, applied in this order (rewards.filters.select_for_training)."""
 
-    drop_zero_std: bool = Field(True, description="Drop groups whose rewards all tie (a group of one is kept).")
+    drop_zero_std: bool = Field(
+        True, description="Drop groups whose rewards all tie (a group of one is kept)."
+    )
     require_tool_image: bool = Field(
         True, description="Drop trajectories where no tool call returned an image."
     )
@@ -205,9 +207,7 @@ class JudgeConfig(_Section):
         "judge actor on a generation engine; 'none': judged sources are an error.",
     )
     base_url: str = Field("", description="http: the API root, e.g. http://judge:8000/v1.")
-    model: str = Field(
-        "", description="http: the served model name; engine: the judge checkpoint directory."
-    )
+    model: str = Field("", description="http: the served model name; engine: the judge checkpoint directory.")
     api_key_env: str = Field("", description="http: env var holding the API key (empty: no key).")
     engine: Literal["hf", "vllm"] = Field("hf", description="engine: HF transformers (CPU) or vLLM (GPU).")
     num_gpus: float = Field(0.0, description="engine: GPUs for the judge actor.")

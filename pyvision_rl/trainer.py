@@ -381,7 +381,9 @@ class Trainer:
             objs = [sb.ref for sb in waiting if sb.ref is not None and not sb.stream_done]
             objs += [r for sb in waiting for r in sb.scoring]
             if not objs:
-                raise RuntimeError(f"rollout collection stalled (a bug): {len(complete)} sub-batches wait to fold")
+                raise RuntimeError(
+                    f"rollout collection stalled (a bug): {len(complete)} sub-batches wait to fold"
+                )
             (obj,), _ = ray.wait(objs, num_returns=1)
             if isinstance(obj, ray.ObjectRefGenerator):
                 sb = next(s for s in inflight if s.ref is obj)
@@ -569,8 +571,7 @@ class Trainer:
             )
             if cfg.trainer.on_underfull == "stop" or not st.accepted:
                 raise RuntimeError(
-                    msg
-                    + " Raise trainer.max_chunks_per_step (0: no cap), relax reward.filters, or set "
+                    msg + " Raise trainer.max_chunks_per_step (0: no cap), relax reward.filters, or set "
                     "trainer.on_underfull=train."
                 )
             log.warning(msg + " Training on what there is.")
@@ -725,7 +726,9 @@ class Trainer:
                     break
             trajs, idx = trajs[:cap], idx[:cap]
             sel = None if trained is None else {j for j, i in enumerate(idx) if i in trained}
-            items = viewer.items_from_summaries(trajs, [summaries[i] for i in idx], sel, self.cfg.reward.filters)
+            items = viewer.items_from_summaries(
+                trajs, [summaries[i] for i in idx], sel, self.cfg.reward.filters
+            )
             decode = viewer.tokenizer_decoder(self.model_path)
             title = f"{self.cfg.run.name} · {name.replace('_', ' ')}"
             viewer.write_rollout_page(self.run_dir / "rollouts", name, items, decode, title)
