@@ -37,7 +37,10 @@ def test_readme_usage_block_runs_as_written(tmp_path):
     work.mkdir()
     for name in (".venv", "configs"):
         (work / name).symlink_to(REPO / name)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    # A fresh shell, as a user has: no process-group variables leaked from earlier in-process learner tests.
+    dist_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env.update(PYTHONUNBUFFERED="1", WANDB_MODE="offline", HF_HUB_OFFLINE="1")
     cmds = [c.replace("/tmp/", f"{tmp_path}/") for c in usage_commands()]
     activate, *cmds = cmds
     for cmd in cmds:

@@ -44,7 +44,6 @@ def init_process_group(rank: int, world_size: int, backend: str | None = None) -
     if dist.is_initialized():
         return
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    chose_port = world_size == 1 and "MASTER_PORT" not in os.environ
     if world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -63,8 +62,11 @@ def init_process_group(rank: int, world_size: int, backend: str | None = None) -
                 dist_backend=backend, rank=rank, world_size=world_size, auto_mpi_discovery=False
             )
             return
-        except Exception as e:  # another process took the port between free_port() and the bind
-            if not chose_port or "EADDRINUSE" not in str(e) or attempt == 4:
+        except Exception as e:
+            # World size 1 has no peer that must agree on the port: when it is taken (another process took
+            # free_port()'s choice before the bind, or MASTER_PORT was inherited from a parent that holds
+            # it), any free port will do.
+            if world_size != 1 or "EADDRINUSE" not in str(e) or attempt == 4:
                 raise
             os.environ["MASTER_PORT"] = str(free_port())
 

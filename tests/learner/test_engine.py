@@ -1,6 +1,7 @@
 """PolicyLearner at world size 1 (real DeepSpeed ZeRO-2 on gloo): an RL step moves the policy the right way,
 SFT lowers the NLL, save/load round-trips, and an in-process sync makes a plain HF model match."""
 
+import os
 import math
 
 import pytest
@@ -108,3 +109,27 @@ def test_save_load_roundtrip(learner, tmp_path):
     assert not all(torch.equal(learner.state_dict_for_sync()[k], v) for k, v in sd.items())
     learner.load(str(tmp_path / "ck"))
     assert all(torch.equal(learner.state_dict_for_sync()[k], v) for k, v in sd.items())
+
+
+def test_world_size_one_takes_a_free_port_when_the_inherited_one_is_held():
+    """A CLI run started from a process that holds its MASTER_PORT (an in-process learner earlier in the same
+    shell or pytest session) must not die with EADDRINUSE: world size 1 has no peer to agree with."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code = (
+            "import os, torch.distributed as dist\n"
+            "from pyvision_rl.learner.engine import init_process_group\n"
+            "init_process_group(0, 1, 'gloo')\n"
+            f"assert dist.is_initialized() and os.environ['MASTER_PORT'] != '{port}'\n"
+            "print('ok', os.environ['MASTER_PORT'])\n"
+        )
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1].startswith("ok"), r.stdout[-2000:]
