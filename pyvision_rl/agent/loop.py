@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -216,6 +217,14 @@ class _Live:
     kind: str  # "image" | "video" | "text"
     kernel_open: bool = False
     t0: float = field(default_factory=time.perf_counter)
+    # The sandbox names this attempt's kernel, not the request id: a re-submitted chunk repeats request ids,
+    # and a cancelled twin's late close must not close the live trajectory's kernel.
+    nonce: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @property
+    def box(self) -> str:
+        """The sandbox's name for this trajectory's kernel (the request id stays its suffix)."""
+        return f"{self.nonce}/{self.traj.extra['request_id']}"
 
 
 def _rid(task: Task, group_id: str, i: int) -> str:
@@ -443,9 +452,9 @@ class AgentLoop:
         finally:
             if lv.kernel_open:
                 try:
-                    await asyncio.shield(self.sandbox.close(rid))
+                    await asyncio.shield(self.sandbox.close(lv.box))
                 except Exception as e:  # noqa: BLE001 - closing must not lose the trajectory
-                    log.warning("closing kernel %s failed: %s", rid, e)
+                    log.warning("closing kernel %s failed: %s", lv.box, e)
             self._finish(lv)
 
     async def _one_turn(self, lv: _Live, rid: str, seed: int | None, stats: dict) -> EndReason | None:
@@ -497,8 +506,8 @@ class AgentLoop:
         try:
             if not lv.kernel_open:
                 lv.kernel_open = True  # closed at the end even if opening failed half-way
-                await self.sandbox.open(rid, list(lv.task.images), list(lv.task.videos))
-            res = await self.sandbox.execute(rid, code, s.exec_timeout_s)
+                await self.sandbox.open(lv.box, list(lv.task.images), list(lv.task.videos))
+            res = await self.sandbox.execute(lv.box, code, s.exec_timeout_s)
         except Exception as e:  # noqa: BLE001 - a sandbox failure costs this trajectory only
             crash = f"{type(e).__name__}: {e}"
         dt = time.perf_counter() - t0

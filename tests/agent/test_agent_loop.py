@@ -408,3 +408,37 @@ PNG = b"png"
 )
 def test_after_execution_table(s, result, n_images, crashed, expected):
     assert after_execution(s, result, n_images, crashed) == expected
+
+
+def test_twin_rollouts_of_one_request_keep_their_own_kernels(processor, sandbox, data):
+    """A re-submitted chunk repeats its request ids while its cancelled twin may still be running on the same
+    sandbox client: the two must not share (or close) one kernel. Both twins run their cells to the end."""
+    import asyncio
+
+    task = data["color_count"]
+    scripts = {task.id: [code("import time\ntime.sleep(0.3)\nx = 1\n" + SHOW + "print(x)"), answer("1")]}
+    client = LocalSandboxClient(sandbox)
+    settings = dict(prompt_template="tiny_tool", max_total_len=4096, exec_timeout_s=8.0)
+    loops = [
+        AgentLoop(
+            ScriptedEngine.from_turns(processor.tokenizer, scripts, logprob=-0.5),
+            client,
+            processor,
+            RolloutConfig(),
+            **settings,
+        )
+        for _ in range(2)
+    ]
+
+    async def twins():
+        return await asyncio.gather(*(lp.run_async([(task, "g-twin")], 1, seed=3) for lp in loops))
+
+    try:
+        (a,), (b,) = asyncio.run(twins())
+    finally:
+        for lp in loops:
+            lp.close()
+    assert a.extra["request_id"] == b.extra["request_id"]
+    assert [t.end_reason for t in (a, b)] == [EndReason.DONE, EndReason.DONE]
+    assert a.n_tool_calls == b.n_tool_calls == 1
+    assert client._kernels == {}
