@@ -7,9 +7,8 @@ position P + j - 1: every per-token tensor here is already shifted by one and ha
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -40,15 +39,8 @@ class MicroBatch:
         def mv(x):
             return x.to(device) if isinstance(x, torch.Tensor) else x
 
-        return MicroBatch(
-            {k: mv(v) for k, v in self.inputs.items()},
-            mv(self.mask),
-            mv(self.rollout_logp),
-            mv(self.advantages),
-            self.n_tokens,
-            self.n_seqs,
-            mv(self.old_logp),
-        )
+        rest = (mv(getattr(self, f.name)) for f in fields(self)[1:])
+        return MicroBatch({k: mv(v) for k, v in self.inputs.items()}, *rest)
 
 
 def _dummy_row(processor) -> tuple[list[int], list[Any]]:
@@ -82,7 +74,7 @@ def build_micro_batch(
             )
         seqs.append(list(t.prompt_ids) + list(t.response_ids))
         images.append(list(t.images))
-    adv = [float(a) for a in (advantages.tolist() if isinstance(advantages, torch.Tensor) else advantages)]
+    adv = [float(a) for a in advantages]
     if add_dummy_image and not any(images):
         ids, ims = _dummy_row(processor)
         seqs.append(ids)
@@ -111,13 +103,9 @@ def build_micro_batch(
 
 def chunk(items: Sequence[Any], n_chunks: int) -> list[list[Any]]:
     """Split into `n_chunks` contiguous nearly equal parts (some may be empty when items are few)."""
-    n = len(items)
-    out, start = [], 0
-    for k in range(n_chunks):
-        size = n // n_chunks + (1 if k < n % n_chunks else 0)
-        out.append(list(items[start : start + size]))
-        start += size
-    return out
+    q, r = divmod(len(items), n_chunks)
+    start = [k * q + min(k, r) for k in range(n_chunks + 1)]
+    return [list(items[start[k] : start[k + 1]]) for k in range(n_chunks)]
 
 
 def make_micro_batches(
@@ -133,21 +121,16 @@ def make_micro_batches(
     `n_micro` (>= the needed count) pads the list with zero-weight batches, so that every data-parallel
     rank runs the same number of forward/backward passes (ZeRO's collectives must line up).
     """
-    adv = advantages.tolist() if isinstance(advantages, torch.Tensor) else list(advantages)
     order = sorted(range(len(trajs)), key=lambda i: trajs[i].length)
     mbs = max(1, micro_batch_size)
     groups = [order[i : i + mbs] for i in range(0, len(order), mbs)]
     out = [
-        build_micro_batch(processor, [trajs[i] for i in g], [adv[i] for i in g], add_dummy_image)
+        build_micro_batch(processor, [trajs[i] for i in g], [advantages[i] for i in g], add_dummy_image)
         for g in groups
     ]
     while n_micro is not None and len(out) < n_micro:
         out.append(build_micro_batch(processor, [], [], add_dummy_image=True))
     return out
-
-
-def needed_micro_batches(n_trajs: int, micro_batch_size: int) -> int:
-    return math.ceil(n_trajs / max(1, micro_batch_size))
 
 
 def shard_for_rank(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:

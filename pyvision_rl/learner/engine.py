@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from pyvision_rl.config import LearnerConfig, ModelConfig
-from pyvision_rl.learner.batching import MicroBatch, chunk, make_micro_batches, needed_micro_batches
+from pyvision_rl.learner.batching import MicroBatch, chunk, make_micro_batches
 from pyvision_rl.learner.losses import kl_k3, masked_mean, policy_loss
 from pyvision_rl.types import Trajectory
 
@@ -236,7 +236,10 @@ class PolicyLearner:
         return self.engine.module.policy
 
     # ------------------------------------------------------------------ collectives
-    def _all_reduce(self, values: Sequence[float], op=None) -> list[float]:
+    def _all_reduce(self, values: Sequence[float] | dict[str, float], op=None) -> Any:
+        """Sum (or `op`) over ranks of a list of numbers, or of a dict's values by name."""
+        if isinstance(values, dict):
+            return dict(zip(values, self._all_reduce(list(values.values()), op), strict=True))
         if self.world_size == 1:
             return list(values)
         t = torch.tensor(
@@ -245,16 +248,10 @@ class PolicyLearner:
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
         return t.tolist()
 
-    # ------------------------------------------------------------------ forward
-    def _logp(self, model, mb: MicroBatch, want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(log-probs, entropy or None) at the model tokens only (`mb.mask`); `model` is the engine or the
-        reference LogProbModule."""
-        return model(mb.inputs, mb.mask, want_entropy)
-
     # ------------------------------------------------------------------ batching across ranks
     def _plan(self, trajs: Sequence[Trajectory], advantages: torch.Tensor) -> list[list[MicroBatch]]:
         """Mini-batches (agreed count across ranks) of micro-batches (agreed count per mini-batch)."""
-        mbs = self.cfg.micro_batch_size
+        mbs = max(1, self.cfg.micro_batch_size)
         n_global = int(self._all_reduce([len(trajs)])[0])
         if n_global == 0:
             return []
@@ -262,38 +259,62 @@ class PolicyLearner:
             1 if self.cfg.mini_batch_size <= 0 else max(1, math.ceil(n_global / self.cfg.mini_batch_size))
         )
         idx_chunks = chunk(list(range(len(trajs))), n_mini)
-        need = [needed_micro_batches(len(c), mbs) for c in idx_chunks]
-        agreed = [int(x) for x in self._all_reduce(need, dist.ReduceOp.MAX if self.world_size > 1 else None)]
-        plan = []
-        for c, n_micro in zip(idx_chunks, agreed, strict=True):
-            plan.append(
-                make_micro_batches(
-                    self.processor,
-                    [trajs[i] for i in c],
-                    advantages[c] if c else [],
-                    mbs,
-                    n_micro=max(n_micro, 1),
-                    add_dummy_image=self.zero3_multi,
-                )
+        need = [math.ceil(len(c) / mbs) for c in idx_chunks]
+        agreed = self._all_reduce(need, dist.ReduceOp.MAX)
+        return [
+            make_micro_batches(
+                self.processor,
+                [trajs[i] for i in c],
+                advantages[c],
+                mbs,
+                n_micro=max(int(n_micro), 1),
+                add_dummy_image=self.zero3_multi,
             )
-        return plan
+            for c, n_micro in zip(idx_chunks, agreed, strict=True)
+        ]
+
+    def _run(self, plan: list[list[MicroBatch]], micro, epochs: int = 1, train: bool = True):
+        """The one mini-batch loop: `micro(mb, d, denom)` on every micro-batch `mb` of `plan` (`d`: its copy on
+        the device), `epochs` times over. With `train`, `micro` returns the loss to backward and each
+        mini-batch is one optimizer step (its last micro-batch is DeepSpeed's accumulation boundary); `denom`
+        is the mini-batch's global model-token count / world size, so Σ l·mask / denom is an exact token-mean
+        once DeepSpeed averages gradients over ranks. Without, the engine is in eval mode and `denom` is 1.
+        Returns (model tokens seen on this rank, the grad norm of each optimizer step)."""
+        tokens, norms = 0.0, []
+        self.engine.train(train)
+        for _ in range(epochs):
+            for mini in plan:
+                denom = 1.0
+                if train:
+                    denom = max(self._all_reduce([sum(mb.n_tokens for mb in mini)])[0], 1.0) / self.world_size
+                for k, mb in enumerate(mini):
+                    if train:
+                        self.engine.set_gradient_accumulation_boundary(k == len(mini) - 1)
+                    loss = micro(mb, mb.to(self.device), denom)
+                    if train:
+                        self.engine.backward(loss, scale_wrt_gas=False)
+                        self.engine.step()
+                    tokens += mb.n_tokens
+                if train and (gn := self.engine.get_global_grad_norm()) is not None:
+                    norms.append(float(gn))
+        self.engine.train()
+        return tokens, norms
 
     @torch.no_grad()
-    def _fill_old_logp(self, plan: list[list[MicroBatch]]) -> dict[str, float]:
-        diff, n = 0.0, 0.0
-        self.engine.eval()
-        for mini in plan:
-            for mb in mini:
-                inputs_mb = mb.to(self.device)
-                if self.cfg.recompute_old_logprobs:
-                    logp, _ = self._logp(self.engine, inputs_mb, want_entropy=False)
-                    mb.old_logp = (logp.float().cpu() * mb.mask).detach()
-                    diff += float(((mb.old_logp - mb.rollout_logp).abs() * mb.mask).sum())
-                    n += mb.n_tokens
-                else:
-                    mb.old_logp = mb.rollout_logp
-        self.engine.train()
-        return {"rollout_logp_abs_diff": diff / n if n else 0.0}
+    def _fill_old_logp(self, plan: list[list[MicroBatch]]) -> float:
+        """Set every micro-batch's old log-probs: the sampler's, or recomputed by the policy before the
+        update (`learner.recompute_old_logprobs`); returns the mean |recomputed - sampler's| per model token."""
+        s = {"diff": 0.0}
+
+        def micro(mb, d, denom):
+            mb.old_logp = mb.rollout_logp
+            if self.cfg.recompute_old_logprobs:
+                logp, _ = self.engine(d.inputs, d.mask)
+                mb.old_logp = (logp.float().cpu() * mb.mask).detach()
+                s["diff"] += float(((mb.old_logp - mb.rollout_logp).abs() * mb.mask).sum())
+
+        n, _ = self._run(plan, micro, train=False)
+        return s["diff"] / n if n else 0.0
 
     # ------------------------------------------------------------------ steps
     def train_step(self, trajs: Sequence[Trajectory] | Sequence[Sequence[Trajectory]]) -> dict[str, float]:
@@ -304,84 +325,82 @@ class PolicyLearner:
         grad_norm, tokens (model tokens), seq_tokens, trajectories, adv_abs_mean, rollout_logp_abs_diff, lr, time_s.
         """
         t0 = time.perf_counter()
+        cfg = self.cfg
         flat = [t for x in trajs for t in (x if isinstance(x, (list, tuple)) else [x])]
         # The selection's full-group advantages (rewards.filters.select_for_training), never recomputed over
         # the survivors; std_norm divides by the full group's std as the release does.
         adv = torch.tensor(
-            [t.advantage / (t.group_std + 1e-6) if self.cfg.std_norm else t.advantage for t in flat],
+            [t.advantage / (t.group_std + 1e-6) if cfg.std_norm else t.advantage for t in flat],
             dtype=torch.float32,
         )
         plan = self._plan(flat, adv)
         if not plan:
             return {"trajectories": 0.0}
-        m_old = self._fill_old_logp(plan)
-        sums = dict.fromkeys(
-            ["loss", "pg_loss", "clip_frac", "dual_clip_frac", "approx_kl", "entropy", "kl_ref"], 0.0
+        want_entropy = cfg.entropy_coef > 0
+        # Token-weighted sums on this rank, reduced over ranks by name and divided by the token total.
+        per_tok = dict.fromkeys(
+            ["loss", "pg_loss", "clip_frac", "dual_clip_frac", "approx_kl", "kl_ref"]
+            + ["entropy"] * want_entropy,
+            0.0,
         )
-        tok_total, grad_norms = 0.0, []
-        want_entropy = self.cfg.entropy_coef > 0
-        for _ in range(self.cfg.ppo_epochs):
-            for mini in plan:
-                n_tok = self._all_reduce([sum(mb.n_tokens for mb in mini)])[0]
-                denom = max(n_tok, 1.0) / self.world_size
-                for k, mb in enumerate(mini):
-                    self.engine.set_gradient_accumulation_boundary(k == len(mini) - 1)
-                    d = mb.to(self.device)
-                    logp, ent = self._logp(self.engine, d, want_entropy)
-                    pg, m = policy_loss(
-                        logp,
-                        d.old_logp,
-                        d.advantages,
-                        d.mask,
-                        self.cfg.clip_low,
-                        self.cfg.clip_high,
-                        self.cfg.dual_clip,
-                        denom=denom,
-                    )
-                    loss = pg
-                    if want_entropy:
-                        loss = loss - self.cfg.entropy_coef * masked_mean(ent, d.mask, denom)
-                    kl_val = 0.0
-                    if self.ref_model is not None:
-                        with torch.no_grad():
-                            ref_logp, _ = self._logp(self.ref_model, d, want_entropy=False)
-                        kl = masked_mean(kl_k3(logp, ref_logp), d.mask, denom)
-                        loss = loss + self.cfg.kl_coef * kl
-                        kl_val = kl.item() * denom
-                    self.engine.backward(loss, scale_wrt_gas=False)
-                    self.engine.step()
-                    w = float(mb.n_tokens)
-                    tok_total += w
-                    sums["loss"] += loss.item() * denom
-                    sums["pg_loss"] += pg.item() * denom
-                    for key in ("clip_frac", "dual_clip_frac", "approx_kl"):
-                        sums[key] += m[key] * w
-                    if ent is not None:
-                        sums["entropy"] += float((ent.detach() * d.mask).sum())
-                    sums["kl_ref"] += kl_val
-                gn = self.engine.get_global_grad_norm()
-                if gn is not None:
-                    grad_norms.append(float(gn))
-        keys = list(sums)
-        seq_tokens = float(sum(t.length for t in flat))
-        red = self._all_reduce(
-            [sums[k] for k in keys] + [tok_total, len(flat), float(adv.abs().sum()), seq_tokens]
+        sums = {
+            "rollout_logp_abs_diff": self._fill_old_logp(plan),
+            "trajectories": float(len(flat)),
+            "adv_abs": float(adv.abs().sum()),
+            "seq_tokens": float(sum(t.length for t in flat)),  # whole sequences: the forward's work
+        }
+
+        def micro(mb, d, denom):
+            logp, ent = self.engine(d.inputs, d.mask, want_entropy)
+            pg, m = policy_loss(
+                logp, d.old_logp, d.advantages, d.mask, cfg.clip_low, cfg.clip_high, cfg.dual_clip, denom
+            )
+            loss = pg
+            if want_entropy:
+                loss = loss - cfg.entropy_coef * masked_mean(ent, d.mask, denom)
+                per_tok["entropy"] += float((ent.detach() * d.mask).sum())
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    ref_logp, _ = self.ref_model(d.inputs, d.mask)
+                kl = masked_mean(kl_k3(logp, ref_logp), d.mask, denom)
+                loss = loss + cfg.kl_coef * kl
+                per_tok["kl_ref"] += kl.item() * denom
+            per_tok["loss"] += loss.item() * denom
+            per_tok["pg_loss"] += pg.item() * denom
+            for key in ("clip_frac", "dual_clip_frac", "approx_kl"):
+                per_tok[key] += m[key] * mb.n_tokens
+            return loss
+
+        sums["tokens"], grad_norms = self._run(plan, micro, cfg.ppo_epochs)
+        r = self._all_reduce({**per_tok, **sums})
+        out = {k: r[k] / max(r["tokens"], 1.0) for k in per_tok}
+        out.update(
+            tokens=r["tokens"] / cfg.ppo_epochs,
+            trajectories=r["trajectories"],
+            adv_abs_mean=r["adv_abs"] / max(r["trajectories"], 1.0),
+            seq_tokens=r["seq_tokens"],
+            grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
+            rollout_logp_abs_diff=r["rollout_logp_abs_diff"] / self.world_size,
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+            time_s=time.perf_counter() - t0,
         )
-        tot = max(red[len(keys)], 1.0)
-        out = {k: red[i] / tot for i, k in enumerate(keys)}
-        out["loss"] = red[0] / tot
-        out["tokens"] = red[len(keys)] / self.cfg.ppo_epochs
-        out["trajectories"] = red[len(keys) + 1]
-        out["adv_abs_mean"] = red[len(keys) + 2] / max(red[len(keys) + 1], 1.0)
-        out["seq_tokens"] = red[len(keys) + 3]  # whole sequences (prompt + response): the forward's work
-        out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else 0.0
-        out["rollout_logp_abs_diff"] = self._all_reduce([m_old["rollout_logp_abs_diff"]])[0] / self.world_size
-        if not want_entropy:
-            del out["entropy"]
-        out["lr"] = float(self.optimizer.param_groups[0]["lr"])
-        out["time_s"] = time.perf_counter() - t0
         self.steps += 1
         return out
+
+    def _nll(self, trajs: Sequence[Trajectory], train: bool) -> tuple[float, float]:
+        """(token-mean negative log-likelihood, count) of the model tokens over all ranks; with `train`, one
+        optimizer step per mini-batch on it."""
+        s = {"loss": 0.0}
+
+        def micro(mb, d, denom):
+            logp, _ = self.engine(d.inputs, d.mask)
+            loss = masked_mean(-logp, d.mask, denom)
+            s["loss"] += loss.item() * denom
+            return loss
+
+        tokens, _ = self._run(self._plan(list(trajs), torch.zeros(len(trajs))), micro, train=train)
+        r = self._all_reduce({**s, "tokens": tokens})
+        return r["loss"] / max(r["tokens"], 1.0), r["tokens"]
 
     def sft_step(self, trajs: Sequence[Trajectory], lr: float | None = None) -> dict[str, float]:
         """One optimizer step of cross-entropy on model tokens (loss_mask) only: the SFT cold start.
@@ -391,38 +410,13 @@ class PolicyLearner:
         if lr is not None:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
-        plan = self._plan(list(trajs), torch.zeros(len(trajs)))
-        total, tok = 0.0, 0.0
-        for mini in plan:
-            n_tok = self._all_reduce([sum(mb.n_tokens for mb in mini)])[0]
-            denom = max(n_tok, 1.0) / self.world_size
-            for k, mb in enumerate(mini):
-                self.engine.set_gradient_accumulation_boundary(k == len(mini) - 1)
-                d = mb.to(self.device)
-                logp, _ = self._logp(self.engine, d, want_entropy=False)
-                loss = masked_mean(-logp, d.mask, denom)
-                self.engine.backward(loss, scale_wrt_gas=False)
-                self.engine.step()
-                total += loss.item() * denom
-                tok += mb.n_tokens
-        red = self._all_reduce([total, tok])
-        return {"sft_loss": red[0] / max(red[1], 1.0), "tokens": red[1]}
+        loss, tokens = self._nll(trajs, train=True)
+        return {"sft_loss": loss, "tokens": tokens}
 
     @torch.no_grad()
     def eval_loss(self, trajs: Sequence[Trajectory]) -> float:
         """Token-mean negative log-likelihood of the model tokens (no update). Every rank must call it."""
-        self.engine.eval()
-        plan = self._plan(list(trajs), torch.zeros(len(trajs)))
-        total, tok = 0.0, 0.0
-        for mini in plan:
-            for mb in mini:
-                d = mb.to(self.device)
-                logp, _ = self._logp(self.engine, d, want_entropy=False)
-                total += float((-logp * d.mask).sum())
-                tok += mb.n_tokens
-        self.engine.train()
-        red = self._all_reduce([total, tok])
-        return red[0] / max(red[1], 1.0)
+        return self._nll(trajs, train=False)[0]
 
     @torch.no_grad()
     def model_token_logprobs(self, trajs: Sequence[Trajectory]) -> list[torch.Tensor]:
@@ -435,7 +429,7 @@ class PolicyLearner:
         for t in trajs:
             (mb,) = make_micro_batches(self.processor, [t], [0.0], 1, add_dummy_image=self.zero3_multi)
             d = mb.to(self.device)
-            logp, _ = self._logp(self.engine, d, want_entropy=False)
+            logp, _ = self.engine(d.inputs, d.mask)
             out.append(logp[0][d.mask[0] > 0].float().cpu())
         self.engine.train()
         return out

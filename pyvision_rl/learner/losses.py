@@ -59,7 +59,7 @@ def policy_loss(
     `l = max(-A ρ, -A clip(ρ, 1-clip_low, 1+clip_high))`, and for A < 0 with `dual_clip` > 1 also
     `l = min(l, -A · dual_clip)`. The loss is Σ l·mask / denom, `denom` defaulting to Σ mask (pass the
     global token count to get an exact token-mean across micro-batches and ranks).
-    Metrics: clip_frac, dual_clip_frac, approx_kl (k3 of new to old), ratio_mean, ratio_max (masked).
+    Metrics (masked means): clip_frac, dual_clip_frac, approx_kl (k3 of new to old), ratio_mean.
     """
     mask = mask.to(logp.dtype)
     adv = advantages.to(logp.dtype)
@@ -81,15 +81,8 @@ def policy_loss(
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
         k3 = torch.exp(-log_ratio) - 1 + log_ratio  # KL(new || old) estimator, >= 0
-        metrics = {
-            "clip_frac": float(((pg2 > pg1).to(mask.dtype) * mask).sum() / n),
-            "dual_clip_frac": float((dual.to(mask.dtype) * mask).sum() / n),
-            "approx_kl": float((k3 * mask).sum() / n),
-            "ratio_mean": float((ratio * mask).sum() / n),
-            "ratio_max": float(torch.where(mask > 0, ratio, torch.zeros_like(ratio)).max())
-            if mask.any()
-            else 1.0,
-        }
+        named = {"clip_frac": pg2 > pg1, "dual_clip_frac": dual, "approx_kl": k3, "ratio_mean": ratio}
+        metrics = {k: float((x.to(mask.dtype) * mask).sum() / n) for k, x in named.items()}
     return loss, metrics
 
 
