@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import runpy
 import statistics
 import sys
 import tempfile
@@ -29,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "learner"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -41,12 +41,12 @@ def peak_mem_mb() -> float:
 
 
 def bench_steps(sizes: list[int]) -> list[dict]:
-    from helpers import make_trajs
-
     from pyvision_rl.config import LearnerConfig, ModelConfig
     from pyvision_rl.learner.engine import PolicyLearner
     from pyvision_rl.models.tiny import make_tiny_model
 
+    # the learner tests' trajectories, run from their file (neither benchmarks/ nor tests/ is a package)
+    make_trajs = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tests/helpers.py"))["make_trajs"]
     d = make_tiny_model(Path(tempfile.mkdtemp()) / "m")
     lrn = PolicyLearner(str(d), LearnerConfig(zero_stage=2, lr=1e-4, micro_batch_size=8), ModelConfig())
     rows = []

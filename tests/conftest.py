@@ -50,3 +50,19 @@ def tiny_model_dir() -> Path:
         except OSError:  # another process won the race
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray on 2 CPUs for the module; its workers see the tests' TORCH_EXTENSIONS_DIR."""
+    ray = pytest.importorskip("ray")
+    env = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR",) if k in os.environ}
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        log_to_driver=False,
+        runtime_env={"env_vars": env},
+    )
+    yield ray
+    ray.shutdown()

@@ -1,9 +1,11 @@
-"""Real trajectories for the tiny model: a prompt with an image, sampled-looking model tokens, an observation."""
+"""Helpers shared by the tests (a uniquely named module: tests/conftest.py is `conftest`; pytest puts tests/ on
+sys.path), and by benchmarks/learner.py: PNG bytes, real trajectories for the tiny model, a tiny run's overrides."""
 
 from __future__ import annotations
 
 import io
 import random
+from pathlib import Path
 
 from PIL import Image
 
@@ -12,10 +14,37 @@ from pyvision_rl.models.processing import encode_images, image_placeholder_ids, 
 from pyvision_rl.types import EndReason, ImageRef, Trajectory
 
 
-def png(color: tuple[int, int, int], size: int = 56) -> bytes:
+def png(w: int, h: int, color: tuple[int, int, int] | str) -> bytes:
+    """A `w` x `h` PNG of one colour."""
     buf = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    Image.new("RGB", (w, h), color).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def tiny_overrides(out: Path, model: Path, name: str = "t", steps: int = 2) -> list[str]:
+    """configs/tiny_cpu.yaml overrides for a short real run (process sandbox, 2 kernels, no W&B)."""
+    return [
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        f"model.path={model}",
+        f"trainer.total_steps={steps}",
+        "trainer.save_every=2",
+        "trainer.eval_every=0",
+        "rollout.n=4",
+        "rollout.gen_batch_size=4",
+        "trainer.train_batch_size=2",
+        "rollout.max_new_tokens=48",
+        "sandbox.backend=process",
+        "sandbox.warm_kernels=2",
+        "sandbox.timeout_s=5",
+        "data.synthetic.n_train=24",
+        "data.synthetic.n_eval=4",
+        "logging.wandb=disabled",
+        "logging.progress=false",
+        "ray.include_dashboard=false",
+        # The random tiny model rarely produces a clean answer: keep every group so steps always fill.
+        "reward.filters.drop_zero_std=false",
+    ]
 
 
 def make_trajs(
@@ -28,7 +57,7 @@ def make_trajs(
     merge = int(processor.image_processor.merge_size)
     out = []
     for g in range(n_groups):
-        img = png((rng.randrange(256), 40, 200))
+        img = png(56, 56, (rng.randrange(256), 40, 200))
         _, grids = encode_images(processor, [img])
         (t, h, w) = grids[0]
         prompt = [sp["im_start"]] + tok.encode("user\n") + image_placeholder_ids(tok, t * h * w // merge**2)
@@ -39,7 +68,7 @@ def make_trajs(
             images = [ImageRef(img, grids[0], "input")]
             obs = tok.encode("\n") + [sp["im_start"]] + tok.encode("user\nText Result:\n3\n")
             if tool_image:
-                timg = png((10, rng.randrange(256), 10))
+                timg = png(56, 56, (10, rng.randrange(256), 10))
                 _, tg = encode_images(processor, [timg])
                 obs += image_placeholder_ids(tok, tg[0][0] * tg[0][1] * tg[0][2] // merge**2)
                 images.append(ImageRef(timg, tg[0], "tool"))

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import tiny_overrides
 
 from pyvision_rl.config import load_config
 from pyvision_rl.metrics import read_metrics
@@ -38,7 +39,6 @@ def test_pyvision_series_on_rays_prometheus_endpoint(tmp_path, tiny_model_dir):
     import ray
 
     from pyvision_rl.trainer import Trainer
-    from tests.test_trainer import tiny_overrides
 
     cfg = load_config(
         REPO / "configs/tiny_cpu.yaml",

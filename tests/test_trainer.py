@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import tiny_overrides
 
 from pyvision_rl.config import load_config
 from pyvision_rl.metrics import read_metrics
@@ -30,40 +31,6 @@ ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
 }
-
-
-def tiny_overrides(out: Path, model: Path, name: str = "t", steps: int = 2) -> list[str]:
-    return [
-        f"run.output_dir={out}",
-        f"run.name={name}",
-        f"model.path={model}",
-        f"trainer.total_steps={steps}",
-        "trainer.save_every=2",
-        "trainer.eval_every=0",
-        "rollout.n=4",
-        "rollout.gen_batch_size=4",
-        "trainer.train_batch_size=2",
-        "rollout.max_new_tokens=48",
-        "sandbox.backend=process",
-        "sandbox.warm_kernels=2",
-        "sandbox.timeout_s=5",
-        "data.synthetic.n_train=24",
-        "data.synthetic.n_eval=4",
-        "logging.wandb=disabled",
-        "logging.progress=false",
-        "ray.include_dashboard=false",
-        # The random tiny model rarely produces a clean answer: keep every group so steps always fill.
-        "reward.filters.drop_zero_std=false",
-    ]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.slow

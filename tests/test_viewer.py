@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import png, tiny_overrides
 
 from pyvision_rl.agent import protocol
 from pyvision_rl.types import EndReason, ImageRef, Trajectory
@@ -40,16 +41,6 @@ CHROME_FLAGS = [
 ]
 
 
-def _png(w: int, h: int, color: str) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), color).save(buf, "PNG")
-    return buf.getvalue()
-
-
 def _traj(tok, with_figure: bool = True) -> Trajectory:
     """A trajectory assembled segment by segment the way the agent loop does: prompt, a code turn, its
     observation (one figure), the answer turn."""
@@ -59,9 +50,9 @@ def _traj(tok, with_figure: bool = True) -> Trajectory:
     obs = protocol.render_observation("3", [4] if with_figure else (), first_index=1)
     answer = "<answer>\n\\boxed{3}\n</answer><|im_end|>"
     segs = [(enc(code), 1), (enc(obs), 0), (enc(answer), 1)]
-    images = [ImageRef(_png(28, 28, "red"), (1, 2, 2), "input")]
+    images = [ImageRef(png(28, 28, "red"), (1, 2, 2), "input")]
     if with_figure:
-        images.append(ImageRef(_png(56, 28, "blue"), (1, 2, 4), "tool"))
+        images.append(ImageRef(png(56, 28, "blue"), (1, 2, 4), "tool"))
     return Trajectory(
         task_id="t0",
         group_id="g0",
@@ -212,7 +203,6 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
 
     from pyvision_rl.config import load_config
     from pyvision_rl.trainer import Trainer
-    from tests.test_trainer import tiny_overrides
 
     out = tmp_path_factory.mktemp("viewer-run")
     cfg = load_config(

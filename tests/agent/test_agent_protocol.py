@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import png
 from PIL import Image
 
 from pyvision_rl.agent.protocol import (
@@ -32,12 +33,6 @@ def processor(tiny_model_dir):
     from pyvision_rl.models import load_processor
 
     return load_processor(tiny_model_dir)
-
-
-def _png(w=112, h=84, color=(10, 200, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), color).save(buf, "PNG")
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- prompts
@@ -74,7 +69,7 @@ def test_video_prompt_carries_metadata_only():
 def test_prompt_bytes_and_ids_match_the_release_chat_template_path(processor):
     """The release: messages with <image_clue_0>/image/</image_clue_0> parts -> processor.apply_chat_template
     -> processor(text, images). Our render + whole-string tokenization must give the same string and ids."""
-    png = _png()
+    image = png(112, 84, (10, 200, 30))
     user = build_image_prompt("How many {red} squares?", 112, 84, "tiny_tool")
     parts = re.split("(<image>)", user)
     content = []
@@ -90,12 +85,12 @@ def test_prompt_bytes_and_ids_match_the_release_chat_template_path(processor):
     release_str = processor.apply_chat_template(
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
     )
-    img = Image.open(io.BytesIO(png)).convert("RGB")
+    img = Image.open(io.BytesIO(image)).convert("RGB")
     release_ids = processor(text=[release_str], images=[img], return_tensors="pt")["input_ids"][0].tolist()
 
     from pyvision_rl.models.processing import encode_images, image_token_count
 
-    _, grids = encode_images(processor, [png])
+    _, grids = encode_images(processor, [image])
     n = image_token_count(grids[0], 2)
     ours = render_prompt(user, [n])
     assert ours == release_str.replace("<|image_pad|>", "<|image_pad|>" * n)

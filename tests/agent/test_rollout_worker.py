@@ -15,13 +15,6 @@ from pyvision_rl.types import EndReason  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
     from pyvision_rl.data import load_tasks
     from pyvision_rl.data.synthetic import make_dataset
@@ -44,7 +37,7 @@ def cfg():
 
 
 @pytest.fixture(scope="module")
-def pool(ray_cluster, cfg):
+def pool(ray_local, cfg):
     from pyvision_rl.actors.sandbox import SandboxPool
 
     p = SandboxPool.remote(cfg.sandbox.model_dump(mode="json"))
@@ -60,7 +53,7 @@ def _valid(t, tokenizer):
     assert t.visual_tokens == ct.count_image_tokens(t.prompt_ids + t.response_ids)
 
 
-def test_tiny_model_worker_rolls_out_image_and_video_groups(ray_cluster, cfg, pool, tasks, tiny_model_dir):
+def test_tiny_model_worker_rolls_out_image_and_video_groups(ray_local, cfg, pool, tasks, tiny_model_dir):
     from pyvision_rl.actors.rollout import RolloutWorker
     from pyvision_rl.models import load_processor
 
@@ -102,7 +95,7 @@ def test_tiny_model_worker_rolls_out_image_and_video_groups(ray_cluster, cfg, po
 
 
 def test_scripted_expert_workers_share_a_pool_and_solve_image_and_video_tasks(
-    ray_cluster, cfg, pool, tasks, tiny_model_dir
+    ray_local, cfg, pool, tasks, tiny_model_dir
 ):
     from pyvision_rl.actors.rollout import RolloutWorker
     from pyvision_rl.data.synthetic import expert_turns
@@ -143,7 +136,7 @@ def test_scripted_expert_workers_share_a_pool_and_solve_image_and_video_tasks(
         ray.kill(w)
 
 
-def test_more_trajectories_than_the_pool_has_kernels(ray_cluster, cfg, tasks, tiny_model_dir):
+def test_more_trajectories_than_the_pool_has_kernels(ray_local, cfg, tasks, tiny_model_dir):
     """Twelve tool trajectories through a pool of two kernels: each waits for a kernel in the pool (no
     deadlock, no waves), never more than two kernels are live, and every trajectory solves its task."""
     from pyvision_rl.actors.rollout import RolloutWorker

@@ -4,12 +4,11 @@ suppression of special tokens, per-request seeds, the request-level batcher, and
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 
 import pytest
 import torch
-from PIL import Image
+from helpers import png
 
 from pyvision_rl.agent.protocol import ChatTokens, build_image_prompt
 from pyvision_rl.engines.base import GenerationRequest, SamplingParams
@@ -34,12 +33,6 @@ def gen(engine, requests, sampling):
     return list(asyncio.run(main()))
 
 
-def _png(w, h, color) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), color).save(buf, "PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def requests_(engine):
     from pyvision_rl.models.processing import encode_images, image_token_count
@@ -47,10 +40,10 @@ def requests_(engine):
     ct = ChatTokens(engine.tokenizer)
     reqs = []
     for i, (w, h, c) in enumerate([(112, 112, (255, 0, 0)), (56, 84, (0, 0, 255))]):
-        png = _png(w, h, c)
-        _, grids = encode_images(engine.processor, [png])
+        img = png(w, h, c)
+        _, grids = encode_images(engine.processor, [img])
         text = build_image_prompt(f"How many squares {i}?", w, h, "tiny_tool")
-        reqs.append(GenerationRequest(ct.prompt_ids(text, [image_token_count(grids[0], 2)]), [png], f"r{i}"))
+        reqs.append(GenerationRequest(ct.prompt_ids(text, [image_token_count(grids[0], 2)]), [img], f"r{i}"))
     reqs.append(GenerationRequest(ct.prompt_ids("Just text, no image.", []), [], "r2"))
     return reqs
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import io
 import os
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import png
 
 from pyvision_rl.engines.base import GenerationRequest, SamplingParams
 from pyvision_rl.engines.vllm import VLLMEngine, collapse_image_pads
@@ -40,14 +40,6 @@ def test_cpu_shim_does_nothing_where_torchvision_exists(monkeypatch):
     before = sys.modules.get(name)
     vllm_cpu_shim.register()
     assert sys.modules.get(name) is before and not getattr(vllm_cpu_shim.register, "done", False)
-
-
-def _png(rgb: tuple[int, int, int], size: int = 112) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), rgb).save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +71,11 @@ def _run(eng: VLLMEngine, reqs: list[GenerationRequest], sampling: SamplingParam
     return asyncio.run(go())
 
 
-def _prompt(eng: VLLMEngine, png: bytes) -> list[int]:
+def _prompt(eng: VLLMEngine, image: bytes) -> list[int]:
     from pyvision_rl.agent.protocol import ChatTokens, build_image_prompt
     from pyvision_rl.models.processing import encode_images, image_token_count, merge_size_of
 
-    _, grids = encode_images(eng.processor, [png])
+    _, grids = encode_images(eng.processor, [image])
     n = image_token_count(grids[0], merge_size_of(eng.processor))
     return ChatTokens(eng.tokenizer).prompt_ids(build_image_prompt("How many squares?", 112, 112), [n])
 
@@ -134,7 +126,7 @@ def test_multi_turn_images_logprobs_match_hf(engine, hf, temperature):
     from pyvision_rl.models.processing import encode_images, image_token_count, merge_size_of
 
     eng = engine
-    img0, img1 = _png((255, 0, 0)), _png((0, 0, 255), 84)
+    img0, img1 = png(112, 112, (255, 0, 0)), png(84, 84, (0, 0, 255))
     ids = _prompt(eng, img0)
     sampling = SamplingParams(temperature=temperature, max_new_tokens=24, stop=[], seed=3)
     first = _run(eng, [GenerationRequest(ids, [img0], "mt")], sampling)[0]
@@ -162,9 +154,9 @@ def test_stop_kept_mask_weight_update_and_restore(engine, hf):
     from pyvision_rl.models.processing import special_ids
 
     eng = engine
-    png = _png((0, 255, 0))
-    ids = _prompt(eng, png)
-    req = [GenerationRequest(ids, [png], "w")]
+    image = png(112, 112, (0, 255, 0))
+    ids = _prompt(eng, image)
+    req = [GenerationRequest(ids, [image], "w")]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=12, stop=["</code>"])
     before = _run(eng, req, greedy)[0]
     script = eng.tokenizer("<code>\n```python\nprint(1)\n```\n</code>", add_special_tokens=False)["input_ids"]
@@ -191,7 +183,7 @@ def test_concurrent_requests_caps_seeds_and_image_cache(engine):
     from pyvision_rl.models.processing import suppressed_token_ids
 
     eng = engine
-    pngs = [_png((40 * i % 256, 80, 200 - 10 * i)) for i in range(8)]
+    pngs = [png(112, 112, (40 * i % 256, 80, 200 - 10 * i)) for i in range(8)]
     reqs = [
         GenerationRequest(_prompt(eng, pngs[i % 8]), [pngs[i % 8]], f"c{i}", max_new_tokens=4 + i % 5)
         for i in range(32)
@@ -228,9 +220,9 @@ def test_gpu_sleep_wake_and_ipc_weight_update(model_dir, hf):
     eng = VLLMEngine(str(model_dir), max_model_len=2048, enable_sleep_mode=True, gpu_memory_utilization=0.3)
     try:
         assert eng._ipc
-        png = _png((9, 9, 9))
-        ids = _prompt(eng, png)
-        req = [GenerationRequest(ids, [png], "s")]
+        image = png(112, 112, (9, 9, 9))
+        ids = _prompt(eng, image)
+        req = [GenerationRequest(ids, [image], "s")]
         greedy = SamplingParams(temperature=0.0, max_new_tokens=8, stop=[])
         before = _run(eng, req, greedy)[0]
         eng.sleep()

@@ -14,6 +14,7 @@ if importlib.util.find_spec("vllm") is None:
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
+from helpers import tiny_overrides  # noqa: E402
 from test_vllm_engine import _scripted_weights  # noqa: E402 (same directory, pytest's rootdir import)
 
 from pyvision_rl.config import Config, load_config  # noqa: E402
@@ -26,13 +27,6 @@ REPO = Path(__file__).resolve().parents[2]
 def model_dir(request) -> Path:
     env = os.environ.get("PYVISION_VLLM_MODEL_DIR")
     return Path(env) if env else request.getfixturevalue("tiny_model_dir")
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -97,28 +91,7 @@ def test_two_step_training_with_vllm_rollouts(tmp_path, model_dir, ray_local):
 
     cfg = load_config(
         REPO / "configs/tiny_cpu.yaml",
-        [
-            f"run.output_dir={tmp_path}",
-            "run.name=vllm",
-            f"model.path={model_dir}",
-            "rollout.engine=vllm",
-            "trainer.total_steps=2",
-            "trainer.save_every=2",
-            "trainer.eval_every=0",
-            "rollout.n=4",
-            "rollout.gen_batch_size=4",
-            "trainer.train_batch_size=2",
-            "rollout.max_new_tokens=48",
-            "sandbox.backend=process",
-            "sandbox.warm_kernels=2",
-            "sandbox.timeout_s=5",
-            "data.synthetic.n_train=24",
-            "data.synthetic.n_eval=4",
-            "logging.wandb=disabled",
-            "logging.progress=false",
-            "ray.include_dashboard=false",
-            "reward.filters.drop_zero_std=false",
-        ],
+        tiny_overrides(tmp_path, model_dir, "vllm", steps=2) + ["rollout.engine=vllm"],
     )
     tr = Trainer(cfg)
     try:

@@ -12,20 +12,6 @@ from pyvision_rl.config import load_config  # noqa: E402
 from pyvision_rl.learner.losses import group_advantages  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={
-            "env_vars": {"TORCH_EXTENSIONS_DIR": __import__("os").environ.get("TORCH_EXTENSIONS_DIR", "")}
-        },
-    )
-    yield
-    ray.shutdown()
-
-
 def cfg(stage: int, world: int):
     return load_config(
         None,

@@ -11,13 +11,6 @@ from pyvision_rl.types import EndReason, Trajectory  # noqa: E402
 ANS = "<answer>\n\\boxed{{{}}}\n</answer>"
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _t(gid, answer, tools=1):
     return Trajectory(
         task_id=gid,
