@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -219,7 +219,7 @@ class PolicyLearner:
                 stage3_max_live_parameters=int(1e9),
                 stage3_max_reuse_distance=int(1e9),
             )
-        conf: dict[str, Any] = {
+        return {
             "train_micro_batch_size_per_gpu": 1,  # batching is ours; DeepSpeed only needs a consistent value
             "gradient_accumulation_steps": 1,
             "gradient_clipping": self.cfg.grad_clip if self.cfg.grad_clip > 0 else 0.0,
@@ -228,7 +228,6 @@ class PolicyLearner:
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
-        return conf
 
     @property
     def model(self) -> torch.nn.Module:
@@ -338,11 +337,8 @@ class PolicyLearner:
             return {"trajectories": 0.0}
         want_entropy = cfg.entropy_coef > 0
         # Token-weighted sums on this rank, reduced over ranks by name and divided by the token total.
-        per_tok = dict.fromkeys(
-            ["loss", "pg_loss", "clip_frac", "dual_clip_frac", "approx_kl", "kl_ref"]
-            + ["entropy"] * want_entropy,
-            0.0,
-        )
+        names = ("loss", "pg_loss", "clip_frac", "dual_clip_frac", "approx_kl", "entropy", "kl_ref")
+        per_tok = {k: 0.0 for k in names if k != "entropy" or want_entropy}
         sums = {
             "rollout_logp_abs_diff": self._fill_old_logp(plan),
             "trajectories": float(len(flat)),
@@ -443,8 +439,7 @@ class PolicyLearner:
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 yield
         else:
-            with nullcontext():
-                yield
+            yield
 
     def param_metadata(self, trainable_only: bool = False) -> list[tuple[str, str, tuple[int, ...]]]:
         """(name, dtype, full shape) of every parameter (`trainable_only`: those the optimizer updates, i.e.
