@@ -12,7 +12,10 @@ falls back to 1-D positions and sampler and trainer log-probs disagree by up to 
 
 from __future__ import annotations
 
+import hashlib
 import io
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,16 +100,61 @@ def merge_size_of(processor) -> int:
     return int(getattr(processor.image_processor, "merge_size", 2))
 
 
+class _PixelCache:
+    """Encoded images by (image processor, PNG bytes), least recently used first out, bounded in bytes.
+
+    A trajectory's images are re-sent with every turn (the engine sees the whole conversation each time)
+    and again to the learner for every epoch: each distinct image is encoded once per process."""
+
+    def __init__(self, max_bytes: int = 256 * 2**20):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._d: OrderedDict[tuple[int, bytes], tuple[torch.Tensor, tuple[int, int, int]]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def encode(
+        self, processor, images: Sequence[ImageLike]
+    ) -> list[tuple[torch.Tensor, tuple[int, int, int]]]:
+        ip = processor.image_processor
+        raw = [im.png if isinstance(im, ImageRef) else im if isinstance(im, bytes) else None for im in images]
+        keys = [None if r is None else (id(ip), hashlib.blake2b(r, digest_size=16).digest()) for r in raw]
+        out: list[Any] = [None] * len(images)
+        with self._lock:
+            for i, k in enumerate(keys):
+                if k is not None and k in self._d:
+                    self._d.move_to_end(k)
+                    out[i] = self._d[k]
+        todo = [i for i, o in enumerate(out) if o is None]
+        self.hits += len(images) - len(todo)
+        self.misses += len(todo)
+        if todo:
+            enc = ip(images=[to_pil(images[i]) for i in todo], return_tensors="pt")
+            grids = [tuple(int(x) for x in g) for g in enc["image_grid_thw"].tolist()]
+            sizes = [t * h * w for t, h, w in grids]
+            for i, px, g in zip(todo, torch.split(enc["pixel_values"], sizes), grids, strict=True):
+                out[i] = (px, g)
+                if keys[i] is not None and px.nbytes <= self.max_bytes:
+                    with self._lock:
+                        if keys[i] not in self._d:
+                            self._d[keys[i]] = (px, g)
+                            self.bytes += px.nbytes
+                        while self.bytes > self.max_bytes:
+                            self.bytes -= self._d.popitem(last=False)[1][0].nbytes
+        return out
+
+
+PIXEL_CACHE = _PixelCache()
+
+
 def encode_images(
     processor, images: Sequence[ImageLike]
 ) -> tuple[torch.Tensor | None, list[tuple[int, int, int]]]:
-    """Pixel patches (all images concatenated) and the (t, h, w) grid of each image, in order."""
+    """Pixel patches (all images concatenated) and the (t, h, w) grid of each image, in order (each distinct
+    image encoded once per process: `PIXEL_CACHE`)."""
     if not images:
         return None, []
-    pil = [to_pil(im) for im in images]
-    out = processor.image_processor(images=pil, return_tensors="pt")
-    grids = [tuple(int(x) for x in g) for g in out["image_grid_thw"].tolist()]
-    return out["pixel_values"], grids
+    enc = PIXEL_CACHE.encode(processor, images)
+    return torch.cat([px for px, _ in enc]), [g for _, g in enc]
 
 
 def vision_groups(ids: Sequence[int], tokenizer) -> list[int]:
