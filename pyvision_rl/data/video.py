@@ -1,4 +1,4 @@
-"""Video files with PyAV: probe, write (frame-accurate mp4) and a small decord-compatible reader."""
+"""Video files with PyAV: probe, write (frame-accurate mp4), and the sandbox's decord-compatible reader."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+from pyvision_rl.sandbox.kernel import VideoReader  # noqa: F401 - host-side code decodes as the box does
 
 
 @dataclass(frozen=True)
@@ -82,34 +84,3 @@ def read_frames(path: str | Path) -> np.ndarray:
 
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-
-
-class _Batch:
-    def __init__(self, array: np.ndarray) -> None:
-        self._array = array
-
-    def asnumpy(self) -> np.ndarray:
-        return self._array
-
-
-class VideoReader:
-    """A decord-compatible reader (`len`, `get_avg_fps`, `[i]`, `get_batch(idx).asnumpy()`) over PyAV.
-
-    Decodes the whole clip once; meant for the short clips of tests and the host-side expert check.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self._frames = read_frames(path)
-        self._fps = probe_video(path).fps
-
-    def __len__(self) -> int:
-        return len(self._frames)
-
-    def get_avg_fps(self) -> float:
-        return self._fps
-
-    def __getitem__(self, i: int) -> _Batch:
-        return _Batch(self._frames[i])
-
-    def get_batch(self, indices) -> _Batch:
-        return _Batch(self._frames[np.asarray(list(indices), dtype=int)])

@@ -53,8 +53,6 @@ SETTINGS = {
     "nproc": 0,
     "fsize_bytes": 0,
 }
-if len(sys.argv) > 1:
-    SETTINGS.update(json.loads(sys.argv[1]))
 
 
 def _set_rlimits() -> None:
@@ -79,19 +77,11 @@ def _set_rlimits() -> None:
 
 
 # ---------------------------------------------------------------------------- the private channel
-# Keep the host channel on private descriptors, then point fds 0/1/2 elsewhere so that nothing the
-# user's code does (os.write(1, ...), subprocesses, C libraries) can corrupt the protocol stream. In a
-# trajectory child these two names are rebound to its pipe pair with the zygote.
-_CHAN_IN = os.dup(0)
-_CHAN_OUT = os.dup(1)
-_devnull = os.open(os.devnull, os.O_RDWR)
-os.dup2(_devnull, 0)
-os.dup2(_devnull, 1)  # library start-up noise of the zygote goes nowhere
-os.dup2(_devnull, 2)
-os.close(_devnull)
+# The host channel, on private descriptors (main() moves it off fds 0/1: see there). In a trajectory child
+# these two names are rebound to its pipe pair with the zygote.
+_CHAN_IN = _CHAN_OUT = -1
 _TMP = os.environ.get("TMPDIR") or "/tmp"
 _FD_OUT = -1  # the child's raw fd-level output file (see _child_main)
-sys.stdin = open(os.devnull)  # noqa: SIM115 - lives for the life of the process
 # Directories user code can write to; wiped between trajectories (missing ones are skipped).
 _WRITABLE = [_TMP, "/dev/shm", "/var/tmp"]
 
@@ -132,32 +122,42 @@ _os_read, _os_write, _getpid = os.read, os.write, os.getpid
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _read_exact(n: int) -> bytes | None:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = _os_read(_CHAN_IN, n - len(buf))
+def _read_frame(fd: int, idle=None) -> bytes | None:
+    """One raw frame (header + body) from `fd`, or None at end of stream. With `idle`, it runs after each
+    second spent waiting (the zygote reaps zombies there: orphans of user code are re-parented to it when
+    it is PID 1, as in Docker); a trajectory child blocks (its waitpid would steal user code's children)."""
+    buf, need = bytearray(), 4
+    while len(buf) < need:
+        if idle is not None and not select.select([fd], [], [], 1.0)[0]:
+            idle()
+            continue
+        chunk = _os_read(fd, need - len(buf))
         if not chunk:
             return None
         buf += chunk
+        if need == 4 == len(buf):
+            need += _unpack(">I", bytes(buf))[0]
     return bytes(buf)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[_os_write(fd, view) :]
+
+
+def _frame(msg: dict) -> bytes:
+    data = _dumps(msg).encode("utf-8")
+    return _pack(">I", len(data)) + data
+
+
 def _recv() -> dict | None:
-    head = _read_exact(4)
-    if head is None:
-        return None
-    (n,) = _unpack(">I", head)
-    body = _read_exact(n)
-    return None if body is None else _loads(body.decode("utf-8"))
+    raw = _read_frame(_CHAN_IN)
+    return None if raw is None else _loads(raw[4:].decode("utf-8"))
 
 
 def _send(msg: dict) -> None:
-    data = _dumps(msg).encode("utf-8")
-    data = _pack(">I", len(data)) + data
-    view = memoryview(data)
-    while view:
-        k = _os_write(_CHAN_OUT, view)
-        view = view[k:]
+    _write_all(_CHAN_OUT, _frame(msg))
 
 
 # ---------------------------------------------------------------------------- output capture
@@ -511,20 +511,13 @@ def _init(images: list, videos: list) -> dict:
 
 
 def _serve() -> None:
-    """The request loop of a trajectory child (init/exec/ping) over its pipe pair."""
-    while True:
-        msg = _recv()
-        if msg is None:
-            return
-        op = msg.get("op")
-        if op == "exec":
-            reply = _exec(msg.get("code", ""))
-        elif op == "init":
-            reply = _init(msg.get("images", []), msg.get("videos", []))
-        elif op == "ping":
-            reply = {"op": "pong"}
-        else:
-            reply = {"error": f"unknown op {op!r}"}
+    """The request loop of a trajectory child over its pipe pair: the zygote relays it init, then exec."""
+    while (msg := _recv()) is not None:
+        reply = (
+            _exec(msg.get("code", ""))
+            if msg.get("op") == "exec"
+            else _init(msg.get("images", []), msg.get("videos", []))
+        )
         try:
             _send(reply)
         except BrokenPipeError:
@@ -557,36 +550,6 @@ def _child_main(chan_in: int, chan_out: int) -> None:
 
 
 # ---------------------------------------------------------------------------- the zygote
-def _frame_bytes(fd: int) -> bytes | None:
-    """One raw frame (header + body) from `fd`, or None at end of stream. Zombies are reaped while waiting
-    (orphans of user code are re-parented to the zygote when it is PID 1, as in Docker)."""
-    head = bytearray()
-    need = 4
-    body_len = None
-    while True:
-        while len(head) < need:
-            ready, _, _ = select.select([fd], [], [], 1.0)
-            if not ready:
-                _reap()
-                continue
-            chunk = os.read(fd, need - len(head))
-            if not chunk:
-                return None
-            head += chunk
-        if body_len is None:
-            (body_len,) = struct.unpack(">I", bytes(head[:4]))
-            need = 4 + body_len
-            continue
-        return bytes(head)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        k = os.write(fd, view)
-        view = view[k:]
-
-
 _reaped: dict[int, int] = {}  # pid -> wait status of reaped direct children we still care about
 
 
@@ -743,89 +706,100 @@ def _wipe() -> list[str]:
     return left
 
 
+_child: tuple[int, int, int] | None = None  # (pid, to_child_w, from_child_r) of the running trajectory
+
+
+def _close_child() -> None:
+    global _child
+    for fd in _child[1:] if _child else ():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _child = None
+
+
+def _fork_child() -> None:
+    global _child
+    c_in_r, c_in_w = os.pipe()  # zygote -> child
+    c_out_r, c_out_w = os.pipe()  # child -> zygote
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for fd in (_CHAN_IN, _CHAN_OUT, c_in_w, c_out_r):
+                os.close(fd)
+            _child_main(c_in_r, c_out_w)
+        finally:
+            os._exit(0)
+    os.close(c_in_r)
+    os.close(c_out_w)
+    _child = (pid, c_in_w, c_out_r)
+
+
+def _relay(raw: bytes) -> bytes | dict:
+    """A request for the trajectory child: its reply frame, as is. If the child died, the zygote reports
+    {"op": "died"} and exits: a box whose trajectory crashed is not reused."""
+    if _child is None:
+        return {"error": "no trajectory is running in this box (send init first)"}
+    pid, to_child, from_child = _child
+    try:
+        _write_all(to_child, raw)
+        reply = _read_frame(from_child, _reap)
+    except OSError:
+        reply = None
+    if reply is None:
+        _send({"op": "died", "reason": _status_text(_wait_child(pid))})
+        _close_child()
+        _kill_all(2.0)
+        sys.exit(1)
+    return reply
+
+
+def _on_init(raw: bytes) -> bytes | dict:
+    if _child is not None:
+        return {"error": "a trajectory is already running in this box (send end first)"}
+    _fork_child()
+    return _relay(raw)
+
+
+def _on_end(raw: bytes) -> dict:
+    _close_child()
+    killed = _kill_all()
+    _reaped.clear()
+    left = _wipe()
+    return {"op": "clean", "ok": killed and not left, "left": left[:20], "procs_left": _other_pids()[:20]}
+
+
+_ZYGOTE_OPS = {
+    "ping": lambda raw: {"op": "pong", "busy": _child is not None},
+    "end": _on_end,
+    "init": _on_init,
+    "exec": _relay,
+}
+
+
 def _zygote() -> None:
     """Serve trajectories one at a time, forking a fresh child for each (see the module docstring)."""
-    child = None  # (pid, to_child_w, from_child_r)
-
-    def end_child() -> None:
-        nonlocal child
-        if child is not None:
-            for fd in child[1:]:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            child = None
-
-    def died(pid: int, fallback: str) -> None:
-        status = _wait_child(pid)
-        reason = _status_text(status) if status is not None else fallback
-        _send({"op": "died", "reason": reason})
-        end_child()
-        _kill_all(2.0)
-        sys.exit(1)  # a box whose trajectory crashed is not reused
-
-    while True:
-        raw = _frame_bytes(_CHAN_IN)
-        if raw is None:  # the host went away: leave nothing behind
-            _kill_all(2.0)
-            return
-        msg = json.loads(raw[4:].decode("utf-8"))
-        op = msg.get("op")
-        if op == "ping":
-            _send({"op": "pong", "busy": child is not None})
-            continue
-        if op == "end":
-            end_child()
-            killed = _kill_all()
-            _reaped.clear()
-            left = _wipe()
-            _send(
-                {
-                    "op": "clean",
-                    "ok": killed and not left,
-                    "left": left[:20],
-                    "procs_left": _other_pids()[:20],
-                }
-            )
-            continue
-        if op == "init":
-            if child is not None:
-                _send({"error": "a trajectory is already running in this box (send end first)"})
-                continue
-            c_in_r, c_in_w = os.pipe()  # zygote -> child
-            c_out_r, c_out_w = os.pipe()  # child -> zygote
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    os.close(_CHAN_IN)
-                    os.close(_CHAN_OUT)
-                    os.close(c_in_w)
-                    os.close(c_out_r)
-                    _child_main(c_in_r, c_out_w)
-                finally:
-                    os._exit(0)
-            os.close(c_in_r)
-            os.close(c_out_w)
-            child = (pid, c_in_w, c_out_r)
-        if op in ("init", "exec"):
-            if child is None:
-                _send({"error": "no trajectory is running in this box (send init first)"})
-                continue
-            pid, to_child, from_child = child
-            try:
-                _write_all(to_child, raw)
-                reply = _frame_bytes(from_child)
-            except OSError:
-                reply = None
-            if reply is None:
-                died(pid, "the interpreter closed its channel")
-            _write_all(_CHAN_OUT, reply)
-            continue
-        _send({"error": f"unknown op {op!r}"})
+    while (raw := _read_frame(_CHAN_IN, _reap)) is not None:
+        op = json.loads(raw[4:].decode("utf-8")).get("op")
+        handler = _ZYGOTE_OPS.get(op)
+        reply = handler(raw) if handler else {"error": f"unknown op {op!r}"}
+        _write_all(_CHAN_OUT, reply if isinstance(reply, bytes) else _frame(reply))
+    _kill_all(2.0)  # the host went away: leave nothing behind
 
 
 def main() -> None:
+    global _CHAN_IN, _CHAN_OUT
+    if len(sys.argv) > 1:
+        SETTINGS.update(json.loads(sys.argv[1]))
+    # Keep the host channel on private descriptors, then point fds 0/1/2 elsewhere so that nothing the
+    # user's code does (os.write(1, ...), subprocesses, C libraries) can corrupt the protocol stream.
+    _CHAN_IN, _CHAN_OUT = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):  # library start-up noise of the zygote goes nowhere
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    sys.stdin = open(os.devnull)  # noqa: SIM115 - lives for the life of the process
     _preload()
     # Every trajectory starts from the same /tmp (the first one too): drop start-up leftovers (font
     # caches written while importing) that later trajectories would not see after a wipe.
