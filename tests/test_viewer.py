@@ -196,11 +196,9 @@ class Chromium:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir):
+def tiny_run(tmp_path_factory, tiny_model_dir, ray_local):
     """A real 2-step tiny run (Ray, rollout worker, sandbox, reward service, learner) with a viewer page
     every step and one per eval."""
-    import ray
-
     from pyvision_rl.config import load_config
     from pyvision_rl.trainer import Trainer
 
@@ -211,13 +209,11 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
         + ["trainer.eval_every=2", "eval.max_tasks=4", "eval.max_turns=2"]
         + ["logging.rollouts_every=1", "logging.rollouts_per_step=2"],
     )
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     tr = Trainer(cfg)
     try:
         tr.fit()
     finally:
         tr.shutdown()
-        ray.shutdown()
     return cfg
 
 
