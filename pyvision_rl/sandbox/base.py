@@ -303,9 +303,11 @@ class WarmPool:
 
     def _wants_box(self) -> bool:
         have = len(self._ready) + self._starting
-        if have >= self._size or self._starting >= self._max_starting:
-            return False
-        return not self._max_boxes or have + self._leased < self._max_boxes
+        return have < self._size and self._starting < self._max_starting and self._has_room()
+
+    def _has_room(self) -> bool:
+        """Ready + starting + leased boxes stay under `max_boxes` (no cap without reuse)."""
+        return not self._max_boxes or len(self._ready) + self._starting + self._leased < self._max_boxes
 
     def take(self, attempts: int = 3) -> Box:
         """A started, healthy box: a ready one if any, else one started now once a start slot is free
@@ -362,9 +364,7 @@ class WarmPool:
         they are the ones whose start-up cost is already paid."""
         with self._lock:
             self._leased -= 1
-            keep = not self._closed and (
-                not self._max_boxes or len(self._ready) + self._starting + self._leased < self._max_boxes
-            )
+            keep = not self._closed and self._has_room()
             if keep:
                 self._ready.insert(0, box)
             self._lock.notify_all()
@@ -428,21 +428,18 @@ class StreamKernel(Kernel):
                     reply = box.request(
                         {"op": "init", "images": imgs, "videos": vids}, time.monotonic() + 60.0
                     )
-            except SandboxError:
+                if reply.get("error"):
+                    raise SandboxError(f"{reply['error']} (images={self._images}, videos={self._videos})")
+                return box
+            except (SandboxError, KernelDied, KernelTimeout, OSError, ValueError) as e:
                 self._sandbox.pool.discard(box)
-                raise
-            except (KernelDied, KernelTimeout, OSError, ValueError) as e:  # the box, not the files: retry
-                self._sandbox.pool.discard(box)
-                if attempt + 1 < attempts:
-                    continue
-                raise SandboxError(
-                    f"the sandbox kernel failed while loading the task files ({type(e).__name__}: "
-                    f"{e or box.died_reason or box.death_reason()})"
-                ) from e
-            if reply.get("error"):
-                self._sandbox.pool.discard(box)
-                raise SandboxError(f"{reply['error']} (images={self._images}, videos={self._videos})")
-            return box
+                if isinstance(e, SandboxError):  # the task's files, not the box: no retry
+                    raise
+                if attempt + 1 == attempts:
+                    raise SandboxError(
+                        f"the sandbox kernel failed while loading the task files ({type(e).__name__}: "
+                        f"{e or box.died_reason or box.death_reason()})"
+                    ) from e
         raise AssertionError("unreachable")
 
     def execute(self, code: str, timeout_s: float | None = None) -> ExecResult:
@@ -462,31 +459,26 @@ class StreamKernel(Kernel):
                 t0 = time.monotonic()  # the timeout counts from here: waiting for a run slot is not charged
                 try:
                     reply = box.request({"op": "exec", "code": code}, t0 + timeout)
-                except KernelTimeout:
-                    self._sandbox.pool.discard(box)
-                    self._box = None
-                    return ExecResult(
-                        error=f"Execution timed out after {timeout:g} s and the interpreter was stopped; the "
-                        "next execution starts a fresh interpreter (variables defined earlier are lost).",
-                        timed_out=True,
-                        duration_s=time.monotonic() - t0,
-                    )
-                except (KernelDied, OSError, ValueError, struct.error):
+                except (KernelTimeout, KernelDied, OSError, ValueError, struct.error) as e:
+                    timed_out = isinstance(e, KernelTimeout)
                     why = box.died_reason  # set when the zygote saw the interpreter itself die
-                    infra = why is None
+                    infra = why is None and not timed_out
                     if infra:
                         why = box.death_reason()
                         infra = not why.startswith("out of memory")
                     self._sandbox.pool.discard(box)
                     self._box = None
                     what = (
-                        f"The sandbox failed: its box died while running this cell ({why})"
+                        f"Execution timed out after {timeout:g} s and the interpreter was stopped"
+                        if timed_out
+                        else f"The sandbox failed: its box died while running this cell ({why})"
                         if infra
                         else f"The interpreter died ({why})"
                     )
                     return ExecResult(
                         error=f"{what}; the next execution starts a fresh interpreter (variables defined "
                         "earlier are lost).",
+                        timed_out=timed_out,
                         duration_s=time.monotonic() - t0,
                         sandbox_error=infra,
                     )
