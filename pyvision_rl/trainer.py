@@ -284,8 +284,10 @@ class Trainer:
             _SubBatch(cid, groups[k::w], seed * 16 + k, cursor_start=start) for k in range(w) if groups[k::w]
         ]
 
-    def _submit(self, sb: _SubBatch, worker: int) -> None:
-        sb.worker = worker
+    def _submit(self, sb: _SubBatch) -> None:
+        """Start `sb` on the next worker, round-robin."""
+        sb.worker = worker = self._next_worker % len(self.workers)
+        self._next_worker += 1
         sb.attempts += 1
         sb.stream_done, sb.scoring, sb.results = False, {}, []
         sb.ref = self.workers[worker].rollout.remote(sb.groups, self.version, sb.seed)
@@ -351,6 +353,11 @@ class Trainer:
                     for k, v in res["drops"].items():
                         st.drops[k] = st.drops.get(k, 0) + v
 
+        def start(sb: _SubBatch) -> None:
+            pending.remove(sb)
+            self._submit(sb)
+            inflight.append(sb)
+
         new_chunks = 0
         max_inflight = len(self.workers) + 1
         t0 = time.perf_counter()
@@ -363,20 +370,14 @@ class Trainer:
                 pending.extend(self._new_chunk())
                 new_chunks += 1
             while pending and len(inflight) - len(complete) < max_inflight and not enough:
-                sb = pending.popleft()
-                self._submit(sb, self._next_worker % len(self.workers))
-                self._next_worker += 1
-                inflight.append(sb)
+                start(pending[0])
             # Once the step is full, only finish chunks that are partly used already (a group never splits).
             waiting = [sb for sb in inflight if not enough or sb.chunk in consumed or sb.carried]
             waiting += [sb for sb in pending if enough and (sb.chunk in consumed or sb.carried)]
             if not waiting:
                 break
             for sb in [sb for sb in waiting if sb.ref is None]:  # re-queued parts of a consumed chunk
-                pending.remove(sb)
-                self._submit(sb, self._next_worker % len(self.workers))
-                self._next_worker += 1
-                inflight.append(sb)
+                start(sb)
             # Wait for the next streamed group of any sub-batch, or the next score report.
             objs = [sb.ref for sb in waiting if sb.ref is not None and not sb.stream_done]
             objs += [r for sb in waiting for r in sb.scoring]
@@ -479,8 +480,7 @@ class Trainer:
                 sb.carried = True
         for sb in self._carry:
             if sb.ref is None:
-                self._submit(sb, self._next_worker % len(self.workers))
-                self._next_worker += 1
+                self._submit(sb)
 
     def resume_point(self) -> tuple[dict[str, int], int]:
         """(cursor, chunk_seq) of the first prompt not yet used by a trained step."""

@@ -176,10 +176,10 @@ def test_killing_a_rollout_worker_loses_no_group(tmp_path, tiny_model_dir, ray_l
     killed = threading.Event()
     submit = tr._submit
 
-    def submit_then_kill(sb, worker):
-        submit(sb, worker)
+    def submit_then_kill(sb):
+        submit(sb)
         if not killed.is_set():  # the worker dies with this sub-batch in flight
-            ray.kill(tr.workers[worker], no_restart=False)
+            ray.kill(tr.workers[sb.worker], no_restart=False)
             killed.set()
 
     tr._submit = submit_then_kill
