@@ -227,6 +227,16 @@ class _Live:
         return f"{self.nonce}/{self.traj.extra['request_id']}"
 
 
+def _image_size(png: bytes) -> tuple[int, int]:
+    """(w, h) from the image header (the pixels are not decoded)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        return im.size
+
+
 def _rid(task: Task, group_id: str, i: int) -> str:
     return f"{task.id}#{group_id}#{i}"
 
@@ -280,19 +290,15 @@ class AgentLoop:
         """Nothing to release (kept for callers that close loops)."""
 
     # ------------------------------------------------------------ prompts
-    def _image_tokens(self, images: Sequence[bytes]) -> list[tuple[int, int, int]]:
+    def _image_tokens(
+        self, images: Sequence[bytes], sizes: Sequence[Sequence[int]] | None = None
+    ) -> list[tuple[int, int, int]]:
         """The processor's (t, h, w) grid of each image. A grid depends only on the image's pixel size
-        (the processor's settings are fixed), so grids are cached by size and only new sizes are encoded."""
-        import io
-
-        from PIL import Image
-
+        (the processor's settings are fixed), so grids are cached by size and only new sizes are encoded.
+        `sizes`: each image's (w, h) when already known (the data loader records them)."""
         from pyvision_rl.models.processing import encode_images
 
-        sizes = []
-        for b in images:
-            with Image.open(io.BytesIO(b)) as im:  # reads the header only
-                sizes.append(im.size)
+        sizes = [tuple(sz) for sz in sizes] if sizes else [_image_size(b) for b in images]
         missing = {sz: b for sz, b in zip(sizes, images, strict=True) if sz not in self._grid_cache}
         if missing:
             _, grids = encode_images(self.processor, list(missing.values()))
@@ -306,21 +312,21 @@ class AgentLoop:
 
     def build_prompt(self, task: Task) -> tuple[list[int], list[ImageRef], str]:
         """Prompt ids, the input images (with grids) and the task kind ("image", "video" or "text")."""
-        from PIL import Image
+        if task.videos:  # the loader's probe when it ran (Task.extra["video_info"]), else probe now
+            info = (task.extra.get("video_info") or [None])[0]
+            if info is None:
+                from pyvision_rl.data.video import probe_video
 
-        if task.videos:
-            from pyvision_rl.data.video import probe_video
-
-            info = probe_video(task.videos[0])
+                info = vars(probe_video(task.videos[0]))
             text = build_video_prompt(
-                task.question, info.width, info.height, info.n_frames, info.fps, self.video_key
+                task.question, info["width"], info["height"], info["n_frames"], info["fps"], self.video_key
             )
             return self.chat.prompt_ids(text, [], self.settings.system_prompt), [], "video"
         if task.images:
             raw = [Path(p).read_bytes() for p in task.images]
-            with Image.open(task.images[0]) as im:
-                w, h = im.size
-            grids = self._image_tokens(raw)
+            sizes = task.extra.get("image_sizes") or [_image_size(b) for b in raw]  # the loader read them
+            grids = self._image_tokens(raw, sizes)
+            w, h = sizes[0]
             refs = [
                 ImageRef(png=b, grid_thw=tuple(g), source="input") for b, g in zip(raw, grids, strict=True)
             ]

@@ -442,3 +442,26 @@ def test_twin_rollouts_of_one_request_keep_their_own_kernels(processor, sandbox,
     assert [t.end_reason for t in (a, b)] == [EndReason.DONE, EndReason.DONE]
     assert a.n_tool_calls == b.n_tool_calls == 1
     assert client._kernels == {}
+
+
+def test_prompt_uses_what_the_loader_read_and_equals_a_fresh_read(processor, sandbox, data):
+    """The loader records image sizes and video probes (Task.extra); the loop builds the prompt from them
+    instead of opening the files again, and the prompt is the one a fresh read gives."""
+    from dataclasses import replace as dc_replace
+
+    engine = ScriptedEngine.from_turns(processor.tokenizer, {}, logprob=-0.5)
+    loop = AgentLoop(
+        engine, LocalSandboxClient(sandbox), processor, RolloutConfig(prompt_template="tiny_tool")
+    )
+    video = next(t for t in data.values() if t.videos)
+    image = next(t for t in data.values() if t.images)
+    assert video.extra["video_info"] and image.extra["image_sizes"]
+    for task in (video, image):
+        bare = dc_replace(
+            task, extra={k: v for k, v in task.extra.items() if k not in ("video_info", "image_sizes")}
+        )
+        assert loop.build_prompt(task)[0] == loop.build_prompt(bare)[0]
+    # the recorded probe is what the prompt states (a stale record would show here, not a re-read)
+    info = dict(video.extra["video_info"][0], n_frames=12345)
+    ids = loop.build_prompt(dc_replace(video, extra=dict(video.extra, video_info=[info])))[0]
+    assert "12345" in ChatTokens(processor.tokenizer).decode(ids)
