@@ -299,13 +299,12 @@ class HFEngine(GenerationEngine):
     ) -> torch.Tensor:
         """log p(sampled token) per step from the raw logits, with the sampler's mask and each row's
         temperature (`temperatures`: (B, 1))."""
+        from pyvision_rl.models.processing import sampler_logprobs
+
         out = torch.zeros(seqs.shape, dtype=torch.float32)
         idx = self.suppress_ids
         for step, lg in enumerate(logits):  # one (B, V) tensor per step: never materialise (T, B, V)
-            lg = lg.float().cpu() / temperatures
-            lg = lg.index_fill(-1, idx[idx < lg.shape[-1]], float("-inf"))
-            tok = seqs[:, step].unsqueeze(-1)
-            out[:, step] = lg.gather(-1, tok).squeeze(-1) - torch.logsumexp(lg, dim=-1)
+            out[:, step] = sampler_logprobs(lg.cpu(), seqs[:, step], idx[idx < lg.shape[-1]], temperatures)
         return out
 
     @torch.no_grad()

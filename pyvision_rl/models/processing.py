@@ -255,9 +255,14 @@ def build_forward_inputs(
 LOGIT_CHUNK_ELEMS = 2**25
 
 
-def _head_logprobs(head, hidden, targets, suppress, temperature: float, with_entropy: bool):
-    logits = head(hidden).float()
-    if temperature != 1.0:
+def sampler_logprobs(
+    logits, targets, suppress=None, temperature: float | torch.Tensor = 1.0, with_entropy=False
+):
+    """log p(target) under the sampler's distribution: `logits` / `temperature` (a float or one per row,
+    (B, 1)) with the `suppress` ids masked. The one log-prob formula of the package (the HF engine's
+    sampled-token log-probs and the learner's `token_logprobs`); `with_entropy` adds the entropy (nats)."""
+    logits = logits.float()
+    if not isinstance(temperature, float) or temperature != 1.0:
         logits = logits / temperature
     if suppress is not None:
         # A large finite negative, not -inf: the sampler's mask, and no 0 * inf = NaN in the entropy.
@@ -267,6 +272,10 @@ def _head_logprobs(head, hidden, targets, suppress, temperature: float, with_ent
     if not with_entropy:
         return logp
     return logp, lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def _head_logprobs(head, hidden, targets, suppress, temperature: float, with_entropy: bool):
+    return sampler_logprobs(head(hidden), targets, suppress, temperature, with_entropy)
 
 
 def token_logprobs(
