@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pyvision_rl.agent.protocol import (
-    DEFAULT_SYSTEM_PROMPT,
     FORMAT_ERROR_MESSAGE,
     IMAGE_TEMPLATE_KEY,
     TIMEOUT_ERROR_MESSAGE,
@@ -50,6 +49,7 @@ from pyvision_rl.agent.protocol import (
     load_templates,
     parse_action,
 )
+from pyvision_rl.config import RolloutConfig
 from pyvision_rl.engines.base import GenerationEngine, GenerationRequest, SamplingParams
 from pyvision_rl.types import EndReason, ExecResult, ImageRef, Task, Trajectory
 
@@ -126,21 +126,24 @@ class LocalSandboxClient:
 # ---------------------------------------------------------------- settings and decisions
 
 
+_R = RolloutConfig.model_fields  # the loop's defaults are the config's: one place declares them
+
+
 @dataclass
 class LoopSettings:
     """The rollout settings the loop reads (a subset of `config.RolloutConfig`, plus sandbox timeout)."""
 
-    max_turns: int = 5
-    max_new_tokens: int = 512
-    max_total_len: int = 8192
-    max_images: int = 16
-    feed_errors: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    prompt_template: str = ""
+    max_turns: int = _R["max_turns"].default
+    max_new_tokens: int = _R["max_new_tokens"].default
+    max_total_len: int = _R["max_total_len"].default
+    max_images: int = _R["max_images"].default
+    feed_errors: bool = _R["feed_errors"].default
+    temperature: float = _R["temperature"].default
+    top_p: float = _R["top_p"].default
+    top_k: int = _R["top_k"].default
+    prompt_template: str = _R["prompt_template"].default
+    system_prompt: str | None = _R["system_prompt"].default
     exec_timeout_s: float | None = None  # None: the sandbox's own timeout_s
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     max_live: int = 0  # trajectories in flight at once (0: all); bounds memory, never needed for progress
 
     @classmethod
