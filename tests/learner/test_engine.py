@@ -1,8 +1,8 @@
 """PolicyLearner at world size 1 (real DeepSpeed ZeRO-2 on gloo): an RL step moves the policy the right way,
 SFT lowers the NLL, save/load round-trips, and an in-process sync makes a plain HF model match."""
 
-import os
 import math
+import os
 
 import pytest
 import torch
