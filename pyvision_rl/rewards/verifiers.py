@@ -30,6 +30,8 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from pyvision_rl.agent.protocol import extract_boxed  # the one brace matcher (the loop uses it too)
+
 VerifierFn = Callable[[str, str, Mapping[str, Any]], float]
 
 # ----------------------------------------------------------------------------------------- extraction
@@ -37,35 +39,13 @@ VerifierFn = Callable[[str, str, Mapping[str, Any]], float]
 _ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
-def _boxed_contents(text: str) -> list[str]:
-    """All `\\boxed{...}` contents in order, with nested braces matched (unbalanced ones are skipped)."""
-    out = []
-    start = 0
-    while True:
-        i = text.find("\\boxed{", start)
-        if i < 0:
-            return out
-        j = i + len("\\boxed{")
-        depth = 1
-        k = j
-        while k < len(text) and depth:
-            if text[k] == "{":
-                depth += 1
-            elif text[k] == "}":
-                depth -= 1
-            k += 1
-        if depth == 0:
-            out.append(text[j : k - 1])
-        start = j
-
-
 def _lenient_answer(response: str) -> str | None:
     for block in reversed(_ANSWER_BLOCK.findall(response)):
-        boxed = _boxed_contents(block)
-        if boxed:
-            return boxed[-1].strip()
-    boxed = _boxed_contents(response)
-    return boxed[-1].strip() if boxed else None
+        boxed = extract_boxed(block)
+        if boxed is not None:
+            return boxed.strip()
+    boxed = extract_boxed(response)
+    return boxed.strip() if boxed is not None else None
 
 
 _STRICT_ANSWER = re.compile(r"<answer>\n\\boxed\{(.*?)\}\n</answer>", re.DOTALL)
