@@ -349,36 +349,26 @@ class VideoReader:
         return frame.to_ndarray(format="rgb24")
 
     def _frame(self, i: int):
-        target = self._pts[i]
-        # Forward reads within the current GOP-ish window continue decoding; otherwise seek.
-        if self._iter is None or i <= self._pos or i - self._pos > 64:
-            self._container.seek(int(target), stream=self._stream, backward=True, any_frame=False)
-            self._iter = self._container.decode(self._stream)
-            self._pos = -1
-        for frame in self._iter:
-            if frame.pts is None:
-                continue
-            k = self._index.get(frame.pts)
-            if k is None:
-                continue
-            self._pos = k
-            if k == i:
-                return self._to_array(frame)
-            if k > i:  # the seek landed past the target (bad index): decode from the start
-                break
-        self._container.seek(0, stream=self._stream, backward=True, any_frame=False)
-        self._iter = self._container.decode(self._stream)
-        self._pos = -1
-        for frame in self._iter:
-            k = self._index.get(frame.pts)
-            if k is not None:
+        # Forward reads within the current GOP-ish window continue decoding; otherwise seek. When the first
+        # pass misses the target (a seek past it: bad index), the second decodes from the start.
+        for retry in (False, True):
+            if retry or self._iter is None or i <= self._pos or i - self._pos > 64:
+                target = 0 if retry else int(self._pts[i])
+                self._container.seek(target, stream=self._stream, backward=True, any_frame=False)
+                self._iter = self._container.decode(self._stream)
+                self._pos = -1
+            for frame in self._iter:
+                k = self._index.get(frame.pts)
+                if k is None:
+                    continue
                 self._pos = k
                 if k == i:
                     return self._to_array(frame)
+                if k > i and not retry:
+                    break
         raise IndexError(f"frame {i} could not be decoded from {self._path}")
 
     def __getitem__(self, idx):
-
         if isinstance(idx, slice):
             return self.get_batch(range(*idx.indices(len(self))))
         return NDArray(self._frame(self._norm(idx)))
