@@ -102,7 +102,7 @@ def run_agent(
     """Roll out `k` trajectories per task with the model at `model_path` and score them (acc, reward)."""
     from pyvision_rl.agent.loop import AgentLoop, LocalSandboxClient
     from pyvision_rl.engines.hf import HFEngine
-    from pyvision_rl.rewards.tool_reward import score_trajectory
+    from pyvision_rl.rewards.verifiers import score_trajectory
     from pyvision_rl.sandbox import make_sandbox
 
     engine = HFEngine(str(model_path), min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)

@@ -16,7 +16,7 @@ from typing import Any
 import ray
 
 from pyvision_rl.config import RewardConfig
-from pyvision_rl.rewards.pipeline import score_and_select
+from pyvision_rl.rewards.filters import score_and_select
 from pyvision_rl.types import Trajectory
 
 log = logging.getLogger("pyvision_rl.reward")
@@ -26,7 +26,7 @@ JUDGE_ACTOR_NAME = "pyvision-rl-judge"  # one in-cluster judge shared by every R
 
 @ray.remote
 class RewardService:
-    """Ray actor wrapping `rewards.pipeline.score_and_select`.
+    """Ray actor wrapping `rewards.filters.score_and_select`.
 
     `reward_cfg` is `cfg.reward` as a dict (or a RewardConfig); `group_size` is rollout.n (groups smaller
     than it, e.g. after a partial rollout, are still scored and counted in `incomplete_groups`).
@@ -137,7 +137,7 @@ class RewardService:
         """Score (no filtering) the trajectories behind `refs` and return only their summaries: how the
         driver measures held-out accuracy without pulling trajectories through itself."""
         from pyvision_rl.metrics import trajectory_summary
-        from pyvision_rl.rewards.tool_reward import score_batch
+        from pyvision_rl.rewards.verifiers import score_batch
 
         trajs = [t for ref in refs for t in ray.get(ref)]
         score_batch(trajs, self.cfg, self.judge)

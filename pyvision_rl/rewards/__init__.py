@@ -2,13 +2,15 @@
 
 from pyvision_rl.rewards.filters import DROP_REASONS, select_for_training
 from pyvision_rl.rewards.judge import EngineJudge, HTTPJudge, parse_judgement
-from pyvision_rl.rewards.tool_reward import accumulative_tool_reward, score_batch, score_trajectory
 from pyvision_rl.rewards.verifiers import (
     DATA_SOURCE_KINDS,
     JUDGE,
     VERIFIERS,
+    accumulative_tool_reward,
     extract_answer,
     register_verifier,
+    score_batch,
+    score_trajectory,
     verifier_for,
     verify,
 )

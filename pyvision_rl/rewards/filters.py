@@ -14,15 +14,21 @@ The release's semantics (agents-x-project/PyVision-RL, `ray_trainer.fit` + `filt
 Ours on top: `SANDBOX_ERROR` trajectories (the sandbox failed, not the model) are never selected, are
 counted under `sandbox_error`, and do not enter their group's mean or std (infrastructure noise is not a
 sample of the policy).
+
+`score_and_select` is the RewardService's whole job without Ray: score a batch of complete groups
+(`verifiers.score_batch`), set each trajectory's advantage and group std, apply the filters.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from pyvision_rl.config import FilterConfig
+from pyvision_rl.config import FilterConfig, RewardConfig
+from pyvision_rl.rewards.verifiers import score_batch
+from pyvision_rl.types import Trajectory
 
 DROP_REASONS = ("sandbox_error", "zero_std", "no_tool_image", "vision_mismatch", "end_reason")
 SANDBOX_ERROR = "SANDBOX_ERROR"
@@ -120,3 +126,36 @@ def select_for_training(
     if target > 0:
         kept = sorted(kept, key=lambda i: -std_of[i])[:target]  # stable: ties keep generation order
     return [(i, adv_of[i]) for i in kept]
+
+
+@dataclass
+class ScoredBatch:
+    """What scoring a batch gives: the survivors' indices, a summary per trajectory, and the counts."""
+
+    survivors: list[int] = field(default_factory=list)
+    summaries: list[dict[str, Any]] = field(default_factory=list)
+    drops: dict[str, int] = field(default_factory=dict)
+    judge: dict[str, int] = field(default_factory=dict)
+
+
+def score_and_select(trajs: list[Trajectory], cfg: RewardConfig, judge: Any = None) -> ScoredBatch:
+    """Verify and reward every trajectory, set its full-group `advantage` and `group_std`, and apply the
+    filters (`select_for_training` with no target: ranking to the step size is the driver's, over chunks).
+
+    Summaries (`pyvision_rl.metrics.trajectory_summary` plus the selection's inputs and outputs) cover all
+    trajectories, dropped ones included, so rollout metrics describe what the policy did; the driver can
+    run `select_for_training` over them and gets the same survivors and advantages.
+    """
+    from pyvision_rl.metrics import trajectory_summary
+
+    judge_stats = score_batch(trajs, cfg, judge)
+    drops: dict[str, int] = {}
+    stats: list[tuple[float, float]] = []
+    kept = select_for_training(trajs, 0, cfg.filters, drops=drops, stats=stats)
+    summaries = []
+    for t, (adv, std) in zip(trajs, stats, strict=True):
+        t.advantage, t.group_std = adv, std
+        summaries.append(
+            {**trajectory_summary(t), "vision_ok": bool(t.vision_ok), "advantage": adv, "group_std": std}
+        )
+    return ScoredBatch(survivors=[i for i, _ in kept], summaries=summaries, drops=drops, judge=judge_stats)

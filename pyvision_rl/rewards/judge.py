@@ -6,7 +6,7 @@ same `judge_many([(question, answer, ground_truth, data_source)]) -> [1.0 | 0.0 
 - `HTTPJudge`: an OpenAI-compatible chat-completions endpoint (a vLLM server the user runs), stdlib only;
 - `EngineJudge`: a GenerationEngine (HF on CPU, vLLM on GPU), run in-cluster by `actors.judge.JudgeActor`.
 Both batch, time out and retry; `None` means that answer could not be judged (it then scores 0 and is
-counted, `rewards.tool_reward.score_batch`), never an exception that stops the run.
+counted, `rewards.verifiers.score_batch`), never an exception that stops the run.
 """
 
 from __future__ import annotations

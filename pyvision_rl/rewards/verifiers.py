@@ -1,4 +1,6 @@
-"""Answer verifiers: the full response goes in, a score in [0, 1] comes out.
+"""Answer verifiers and trajectory scoring: the full response goes in, a score in [0, 1] comes out;
+`score_batch` sets each trajectory's accuracy and its accumulative tool reward
+R = R_acc + c · n_tool · 1{right}.
 
 `verify(response, ground_truth, kind)` extracts the model's final answer itself and returns 0 for a
 malformed or missing answer. Two answer formats (`reward.answer_format`):
@@ -14,7 +16,7 @@ malformed or missing answer. Two answer formats (`reward.answer_format`):
 Which verifier applies to a row is decided by its `data_source` through `DATA_SOURCE_KINDS` /
 `verifier_for` (every source the release names is there; `*_rule_verifiable` goes to MRA); users add their
 own with `register_verifier` or `reward.verifiers`. Kind `judge` (the LLM judge, `rewards.judge`) is not a
-function here: `rewards.tool_reward.score_batch` batches those answers to the judge.
+function here: `score_batch` batches those answers to the judge.
 
 A verifier function has the signature of the README's "Architecture" contracts: `fn(answer, ground_truth, extra) -> float`, where
 `answer` is the extracted boxed content and `extra` the trajectory's extra (a copy of `Task.extra`: options
@@ -31,6 +33,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pyvision_rl.agent.protocol import extract_boxed  # the one brace matcher (the loop uses it too)
+from pyvision_rl.config import RewardConfig
+from pyvision_rl.types import EndReason, Trajectory
 
 VerifierFn = Callable[[str, str, Mapping[str, Any]], float]
 
@@ -219,6 +223,7 @@ def verify_string(answer: str, ground_truth: str, extra: Mapping[str, Any]) -> f
 
 
 _mv_log = logging.getLogger("math_verify")
+log = logging.getLogger("pyvision_rl.reward")
 
 
 def verify_math(answer: str, ground_truth: str, extra: Mapping[str, Any]) -> float:
@@ -253,7 +258,7 @@ VERIFIERS: dict[str, VerifierFn] = {
     "string": verify_string,
 }
 
-JUDGE = "judge"  # the LLM judge (rewards.judge), batched by rewards.tool_reward.score_batch
+JUDGE = "judge"  # the LLM judge (rewards.judge), batched by score_batch
 MRA_RIGHT = 0.5  # an MRA score this high counts as right for the tool bonus (the release's is_answer_right)
 
 # data_source -> verifier kind (lower-cased names).
@@ -363,11 +368,11 @@ def verify(
     The answer is extracted here under `answer_format` (strict: the release's format and zero rules); a
     missing or malformed answer scores 0. `extra` is the trajectory's extra (e.g. `options` for multiple
     choice). The result is clamped to [0, 1] and a NaN becomes 0, so a buggy custom verifier cannot poison
-    a batch. Kind `judge` needs a judge: use `rewards.tool_reward.score_batch`.
+    a batch. Kind `judge` needs a judge: use `score_batch`.
     """
     if kind == JUDGE:
         raise ValueError(
-            "kind 'judge' is scored by rewards.tool_reward.score_batch with a judge (reward.judge)"
+            "kind 'judge' is scored by rewards.verifiers.score_batch with a judge (reward.judge)"
         )
     if kind not in VERIFIERS:
         raise KeyError(
@@ -380,3 +385,83 @@ def verify(
     if not math.isfinite(score):
         return 0.0
     return min(1.0, max(0.0, score))
+
+
+# ----------------------------------------------------------------------------------------- scoring
+
+
+def accumulative_tool_reward(
+    acc: float, n_tool_calls: int, c: float = 0.1, cap: int = 0, right: bool | None = None
+) -> float:
+    """`acc + c * n_tool_calls` when the answer is right, else `acc`.
+
+    `right` defaults to `acc == 1` (an MRA score is right from 0.5: pass `verifiers.is_right`).
+    `n_tool_calls` counts successfully executed code turns; `cap` > 0 bounds it. A NaN accuracy counts as 0.
+    """
+    if acc is None or not math.isfinite(acc):
+        acc, right = 0.0, False
+    if right is None:
+        right = acc >= 1.0 - 1e-9
+    n = max(0, int(n_tool_calls))
+    if cap > 0:
+        n = min(n, cap)
+    return float(acc + c * n) if right else float(acc)
+
+
+def trajectory_kind(traj: Trajectory, cfg: RewardConfig) -> str:
+    """The verifier kind for a trajectory: `traj.extra['verifier']` if set, else by its data_source."""
+    kind = traj.extra.get("verifier") if traj.extra else None
+    return kind or verifier_for(traj.data_source, cfg.default_verifier, cfg.verifiers)
+
+
+def score_batch(trajs: Sequence[Trajectory], cfg: RewardConfig, judge: Any = None) -> dict[str, int]:
+    """Set `acc` and `reward` on every trajectory; judged ones go to `judge` in one batched call.
+
+    Only a trajectory that ended with an answer (DONE) can be right: in the others the text after the last
+    model turn is an observation, and a program could print an `<answer>` block there. `traj.extra` (a copy
+    of Task.extra: options, tolerances, the question) is handed to the verifier. `judge` has
+    `judge_many([(question, answer, ground_truth, data_source)]) -> [score or None]`; None (the judge failed
+    or its reply was unreadable) scores 0 and is counted. Returns `{"judged": n, "judge_failures": n}`.
+    """
+    pending: list[tuple[Trajectory, tuple[str, str, str, str]]] = []
+    for t in trajs:
+        t.acc, kind = 0.0, trajectory_kind(t, cfg)
+        if t.end_reason == EndReason.DONE or t.end_reason == EndReason.DONE.value:
+            if kind == JUDGE:
+                answer = extract_answer(t.response_text, cfg.answer_format)
+                if answer:
+                    q = str((t.extra or {}).get("question", ""))
+                    pending.append((t, (q, answer, str(t.ground_truth), t.data_source)))
+            else:
+                t.acc = verify(t.response_text, t.ground_truth, kind, t.extra, cfg.answer_format)
+        _set_reward(t, kind, cfg)
+    failures = 0
+    if pending:
+        if judge is None:
+            raise RuntimeError(
+                f"data_source '{pending[0][0].data_source}' is judged by an LLM but no judge is configured: set "
+                "reward.judge.backend=http (with reward.judge.base_url and model) or =engine, or route the "
+                "source to a rule verifier with reward.verifiers.<source>=mcq|numeric|mra|math|string."
+            )
+        scores = judge.judge_many([item for _, item in pending])
+        for (t, _), s in zip(pending, scores, strict=True):
+            if s is None:
+                failures += 1
+                t.extra["judge_failed"] = True
+            t.acc = float(s or 0.0)
+            _set_reward(t, JUDGE, cfg)
+        if failures:
+            log.warning("LLM judge failed on %d of %d answers (scored 0)", failures, len(pending))
+    return {"judged": len(pending), "judge_failures": failures}
+
+
+def _set_reward(t: Trajectory, kind: str, cfg: RewardConfig) -> None:
+    t.reward = accumulative_tool_reward(
+        t.acc, t.n_tool_calls, cfg.tool_bonus, cfg.tool_bonus_cap, is_right(kind, t.acc)
+    )
+
+
+def score_trajectory(traj: Trajectory, cfg: RewardConfig, judge: Any = None) -> Trajectory:
+    """Score one trajectory (see `score_batch`); returns it."""
+    score_batch([traj], cfg, judge)
+    return traj
