@@ -4,6 +4,7 @@ for a box start, and failures of the sandbox itself (not of the model's code) co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -125,10 +126,29 @@ def test_open_failures_are_sandbox_error_results(tmp_path):
         pool.shutdown()
 
 
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "State:\tZ"
+
+
 def _kill_box(backend: str, box) -> None:
     """Kill one box from outside, as an OOM killer, a crashed engine or a lost node would."""
     if backend == "process":
-        os.killpg(box.proc.pid, signal.SIGKILL)
+        # Every process of the box at once (bubblewrap's inner init and the kernel die only through
+        # PDEATHSIG otherwise, a moment later: a loaded machine could still answer the next cell).
+        tree, i = [box.proc.pid], 0
+        while i < len(tree):
+            kids = Path(f"/proc/{tree[i]}/task/{tree[i]}/children")
+            tree += [int(c) for c in kids.read_text().split()] if kids.exists() else []
+            i += 1
+        for pid in reversed(tree):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in tree:  # gone (or a zombie) before the next cell is sent
+            while Path(f"/proc/{pid}").exists() and "State:\tZ" not in _status(pid):
+                time.sleep(0.01)
     else:
         subprocess.run(["docker", "kill", box.id], check=True, capture_output=True, timeout=60)
 
