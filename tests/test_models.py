@@ -236,3 +236,24 @@ def test_load_real_checkpoint_layout(tmp_path, tiny_model_dir):
     # an explicit override wins over the file
     _, grids = encode_images(load_processor(real, max_pixels=112 * 112), [_noise(112, 112, 5)])
     assert grids == [(1, 8, 8)]
+
+
+def test_each_distinct_image_is_encoded_once_per_process(policy):
+    """The engine re-sends a trajectory's images every turn and the learner every epoch: the pixel cache
+    returns exactly what a fresh batch encoding gives, and encodes a repeated image only once."""
+    from pyvision_rl.models.processing import PIXEL_CACHE, _PixelCache, encode_images, to_pil
+
+    _, processor = policy
+    ims = [_png(_noise(56, 84, 11)), _png(_noise(112, 56, 12)), _png(_noise(56, 84, 11))]
+    ref = processor.image_processor(images=[to_pil(i) for i in ims], return_tensors="pt")
+    hits, misses = PIXEL_CACHE.hits, PIXEL_CACHE.misses
+    px, grids = encode_images(processor, ims)
+    assert torch.equal(px, ref["pixel_values"])
+    assert grids == [tuple(g) for g in ref["image_grid_thw"].tolist()]
+    px2, grids2 = encode_images(processor, ims[::-1])  # every one cached now, in another order
+    assert PIXEL_CACHE.hits - hits == 3 and PIXEL_CACHE.misses - misses == 3
+    parts = torch.split(px, [t * h * w for t, h, w in grids])
+    assert grids2 == grids[::-1] and torch.equal(px2, torch.cat(parts[::-1]))
+    small = _PixelCache(max_bytes=1)  # too small to keep anything: encodes every time, still right
+    assert torch.equal(torch.cat([p for p, _ in small.encode(processor, ims)]), ref["pixel_values"])
+    assert small.bytes == 0 and small.misses == 3
