@@ -127,3 +127,41 @@ def test_the_checker_sees_violations(tmp_path):
     f.write_text("def f():\n    import ray\n    from ..agent import loop\n    from . import losses\n")
     names = {n for n, _ in _imports(f, "pyvision_rl.learner.probe")}
     assert {"ray", "pyvision_rl.agent", "pyvision_rl.agent.loop", "pyvision_rl.learner.losses"} <= names
+
+
+CODE_LINE_BUDGET = 9_000  # the house rule: the package stays lean (README, "Architecture")
+
+
+def _code_lines(src: str) -> int:
+    """Lines holding code: blank lines, comments and docstrings (bare string statements) are free."""
+    import io
+    import tokenize
+
+    skip = (tokenize.COMMENT, tokenize.NL, tokenize.ENCODING, tokenize.ENDMARKER)
+    starts = (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
+    lines: set[int] = set()
+    prev = tokenize.NEWLINE
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type in skip:
+            continue
+        if tok.type not in starts and not (tok.type == tokenize.STRING and prev in starts):
+            lines.update(range(tok.start[0], tok.end[0] + 1))
+        prev = tok.type
+    return len(lines)
+
+
+def test_code_line_counter_counts_code_only():
+    src = (
+        'def f(x):\n    """Doc\n    string."""\n    # a comment\n\n    return (x +\n            1)  # tail\n'
+    )
+    assert _code_lines(src) == 3
+
+
+def test_package_stays_within_its_code_line_budget():
+    sizes = {str(p.relative_to(PKG)): _code_lines(p.read_text()) for p in MODULES.values()}
+    total = sum(sizes.values())
+    biggest = ", ".join(f"{k} {v}" for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])[:5])
+    assert total <= CODE_LINE_BUDGET, (
+        f"pyvision_rl/ has {total} code lines (budget {CODE_LINE_BUDGET}; largest: {biggest}): delete or merge "
+        "code before adding more, or raise CODE_LINE_BUDGET in a reviewed change that says why"
+    )
