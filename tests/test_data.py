@@ -413,3 +413,16 @@ def test_make_data_cli(tmp_path, capsys):
     tasks = load_tasks(tmp_path / "train.jsonl")
     assert len(tasks) == 5 and all(Image.open(t.images[0]).size == (448, 448) for t in tasks)
     assert len(load_tasks(tmp_path / "eval.jsonl")) == 2
+
+
+def test_make_data_cli_offers_every_synthetic_kind():
+    """The CLI lists its kinds by hand (so --help stays import-light): it must not drift from the generator."""
+    import argparse
+
+    from pyvision_rl.data.cli import register
+    from pyvision_rl.data.synthetic import KINDS
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    kind = next(a for a in sub.choices["make-data"]._actions if a.dest == "kind")
+    assert set(kind.choices) == {*KINDS, "mixed"}

@@ -81,11 +81,14 @@ def register(subparsers) -> None:
         "make-data",
         help="write a synthetic task dataset (images/videos + train.jsonl + eval.jsonl)",
         description="Write synthetic tasks with ground truth: color_count (the demo task), small_objects "
-        "(tiny objects on a large canvas), video_event (an mp4 with an event at a given frame) or mixed.",
+        "(tiny objects on a large canvas), video_event (an mp4 with an event at a given frame), video_moment (the video demo's long clips: "
+        "when does a square appear) or mixed (the first three, round-robin).",
     )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
-        "--kind", choices=["color_count", "small_objects", "video_event", "mixed"], default="color_count"
+        "--kind",
+        choices=["color_count", "small_objects", "video_event", "video_moment", "mixed"],
+        default="color_count",
     )
     p.add_argument("--n-train", type=int, default=512, help="training tasks")
     p.add_argument("--n-eval", type=int, default=64, help="held-out tasks")
