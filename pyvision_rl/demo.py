@@ -87,9 +87,7 @@ def run_demo(cfg: Config) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pyvision_rl.data.synthetic import extra_tokenizer_corpus
     from pyvision_rl.metrics import read_metrics
-    from pyvision_rl.models.tiny import make_tiny_model
     from pyvision_rl.plots import plot_run
     from pyvision_rl.sft import run_sft
     from pyvision_rl.trainer import prepare_data, prepare_model, train
@@ -110,9 +108,6 @@ def run_demo(cfg: Config) -> int:
         console.print(f"sandbox backend: [bold]{cfg.sandbox.backend}[/]" + ("" if ok else f" ({why})"))
 
     t0 = time.perf_counter()
-    extra = [] if cfg.model.path or cfg.data.train_path else extra_tokenizer_corpus(cfg.data.synthetic.kind)
-    if extra:  # a task family outside the shared tokenizer corpus: its tiny model gets its own vocabulary
-        make_tiny_model(run_dir / "tiny_model", cfg.model.tiny, seed=cfg.run.seed, extra_corpus=extra)
     base_model = prepare_model(cfg)
     train_tasks, held_out = prepare_data(cfg)
     held_out = held_out[: cfg.eval.max_tasks or None]

@@ -53,11 +53,14 @@ def prepare_model(cfg: Config) -> str:
                 "Point it at a Qwen-VL checkpoint, or leave it empty to build the tiny model."
             )
         return str(p)
+    from pyvision_rl.data.synthetic import extra_tokenizer_corpus
     from pyvision_rl.models import tiny
 
     out = cfg.run_dir() / "tiny_model"
     if not (out / "config.json").is_file():
-        tiny.make_tiny_model(out, cfg.model.tiny, seed=cfg.run.seed)
+        # a synthetic family outside the shared tokenizer corpus (video_moment) gets its own vocabulary
+        extra = [] if cfg.data.train_path else extra_tokenizer_corpus(cfg.data.synthetic.kind)
+        tiny.make_tiny_model(out, cfg.model.tiny, seed=cfg.run.seed, extra_corpus=extra or None)
     return str(out)
 
 

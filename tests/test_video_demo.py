@@ -19,10 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def video_run(tmp_path_factory):
-    """A tiny model with the video vocabulary and a few video_moment tasks."""
-    from pyvision_rl.data.synthetic import extra_tokenizer_corpus
-    from pyvision_rl.models.tiny import make_tiny_model
-    from pyvision_rl.trainer import prepare_data
+    """The tiny model `pyvision-rl train` builds for the video config (its own vocabulary) and a few
+    video_moment tasks."""
+    from pyvision_rl.trainer import prepare_data, prepare_model
 
     out = tmp_path_factory.mktemp("video")
     cfg = load_config(
@@ -34,9 +33,7 @@ def video_run(tmp_path_factory):
             "sandbox.backend=process",
         ],
     )
-    model = make_tiny_model(
-        cfg.run_dir() / "tiny_model", cfg.model.tiny, extra_corpus=extra_tokenizer_corpus("video_moment")
-    )
+    model = prepare_model(cfg)
     train, _ = prepare_data(cfg)
     return cfg, model, train
 

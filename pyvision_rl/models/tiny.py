@@ -48,7 +48,7 @@ QWEN_VL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Observation strings of the protocol (../shared/pyvision-protocol/README.md), for the tokenizer corpus.
+# Observation strings of the protocol (README, "Fidelity to PyVision-RL"), for the tokenizer corpus.
 _PROTOCOL_STRINGS = [
     "\n<|im_start|>user\n<tool_response>\n<interpreter>\nText Result:\n{stdout}</interpreter>\n\n</tool_response>"
     "<|im_end|>\n<|im_start|>assistant\n",
