@@ -247,8 +247,9 @@ def make_tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    model.generation_config.eos_token_id = [config.eos_token_id, config.pad_token_id]
-    model.generation_config.pad_token_id = config.pad_token_id
+    tc = config.get_text_config()  # transformers 5.19 keeps the special ids only on the text config
+    model.generation_config.eos_token_id = [tc.eos_token_id, tc.pad_token_id]
+    model.generation_config.pad_token_id = tc.pad_token_id
     model.generation_config.do_sample = True
     model.generation_config.top_k = 0
     model.generation_config.top_p = 1.0
