@@ -74,7 +74,7 @@ def load_trajectory_jsonl(path: str | Path) -> list[Trajectory]:
 
 def run_sft(cfg: Config, model_path: str | None = None, out_dir: Path | None = None) -> Path:
     """Train `sft.steps` steps of SFT and save to `out_dir` (default <run>/sft); returns the HF model dir."""
-    from pyvision_rl.evaluate import write_trajectories
+    from pyvision_rl.evaluate import SETTINGS_FILE, training_settings, write_trajectories
     from pyvision_rl.learner.engine import PolicyLearner
     from pyvision_rl.trainer import prepare_data, prepare_model
 
@@ -115,4 +115,6 @@ def run_sft(cfg: Config, model_path: str | None = None, out_dir: Path | None = N
     finally:
         learner.close()
     (out_dir / "sft_log.json").write_text(json.dumps({"losses": losses, "n_trajectories": len(trajs)}))
+    # what `pyvision-rl eval` of this checkpoint defaults to (the turn budget, template... it was trained with)
+    (out_dir / SETTINGS_FILE).write_text(json.dumps(training_settings(cfg), indent=1))
     return out_dir / "model"

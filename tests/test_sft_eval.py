@@ -59,6 +59,8 @@ def test_sft_then_eval(tmp_path, tiny_model_dir):
     experts = [json.loads(ln) for ln in (sft_dir / "expert.jsonl").read_text().splitlines()]
     assert all(e["n_tool_calls"] == 1 and e["end_reason"] == "DONE" for e in experts)
     assert (sft_dir / "model" / "config.json").is_file()
+    trained_with = json.loads((sft_dir / "training_settings.json").read_text())
+    assert trained_with["rollout.max_turns"] == 3 and "rollout.prompt_template" in trained_with
 
     # A trajectory JSONL is also valid SFT input (sft.data_path).
     r = cli(
@@ -89,6 +91,8 @@ def test_sft_then_eval(tmp_path, tiny_model_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((out / "eval.json").read_text())
     assert rep["overall"]["n_trajectories"] == 8  # 4 tasks x k=2
+    # eval defaults to what the SFT checkpoint was trained with, except what was set explicitly
+    assert rep["settings"] == {**trained_with, "eval.max_turns": 3}
     assert 0.0 <= rep["overall"]["acc_avg@2"] <= 1.0
     assert "synthetic_count" in rep["per_data_source"]
     lines = (out / "trajectories.jsonl").read_text().splitlines()
