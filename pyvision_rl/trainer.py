@@ -170,6 +170,20 @@ class _StepState:
     chunks: int = 0
     t_rollout_wait: float = 0.0
 
+    def add(self, sb: _SubBatch) -> None:
+        """Take a fully scored sub-batch's groups, in chunk order (whatever order they were scored in)."""
+        order = {gid: k for k, (_, _, gid) in enumerate(sb.groups)}
+        for res, group_ref, traj_refs in sorted(
+            sb.results, key=lambda r: order.get(r[0]["summaries"][0]["group_id"], 0)
+        ):
+            base = len(self.summaries)
+            self.accepted.extend((base + i, std, traj_refs[i]) for i, std in res["accepted"])
+            self.summaries.extend(res["summaries"])
+            self.rollouts.append((base, group_ref))
+            for into, counts in ((self.judge, res.get("judge", {})), (self.drops, res["drops"])):
+                for k, v in counts.items():
+                    into[k] = into.get(k, 0) + v
+
 
 class Trainer:
     """Owns the actors and runs `fit()`. Construct with a validated `Config`."""
@@ -295,7 +309,7 @@ class Trainer:
         sb.stream_done, sb.scoring, sb.results = False, {}, []
         sb.ref = self.workers[worker].rollout.remote(sb.groups, self.version, sb.seed)
 
-    def _score(self, sb: _SubBatch, group_ref: Any, tries: int = 1) -> None:
+    def _score(self, sb: _SubBatch, group_ref: Any, tries: int = 1, unavailable_since: float = 0.0) -> None:
         """Send one streamed group to its RewardService. Every ref involved is the driver's (the group is
         a return of the rollout it submitted, the scored trajectories returns of this call), so a service
         that dies costs only this call, sent again with the same group."""
@@ -303,7 +317,39 @@ class Trainer:
         n = int(sb.groups[0][1])
         # A list wrapping the ref keeps Ray from resolving it in the caller: the service fetches it itself.
         report, *trajs = self.rewards[i].score_group.options(num_returns=1 + n).remote([group_ref], n)
-        sb.scoring[report] = _Scoring(group_ref, trajs, i, tries)
+        sb.scoring[report] = _Scoring(group_ref, trajs, i, tries, unavailable_since)
+
+    def _take_report(self, sb: _SubBatch, obj: Any) -> dict | None:
+        """The RewardService's report `obj` on a group of `sb` (its result kept unless the report says the
+        rollout failed), or None when the group was sent to be scored again."""
+        import ray
+
+        sc = sb.scoring.pop(obj)
+        try:
+            res = ray.get(obj)
+        except ray.exceptions.ActorUnavailableError as e:
+            # Restarting, or its node is lost and not yet declared dead: ask again, bounded in time, not
+            # counted as a try (a node loss answers this for seconds).
+            since = sc.unavailable_since or time.monotonic()
+            if time.monotonic() - since > 600:
+                raise RuntimeError(f"RewardService {sc.service} unavailable for 600 s: {e}") from None
+            time.sleep(0.2)
+            self._score(sb, sc.group_ref, sc.tries, since)
+            return None
+        except ray.exceptions.RayActorError as e:  # the reward service died: score it again
+            self.events["reward_restarts"] += 1
+            self._reward_pids[sc.service] = None
+            log.warning("RewardService died while scoring chunk %d (%s); scoring again", sb.chunk, e)
+            if sc.tries > self.cfg.trainer.max_actor_restarts + 1:
+                raise RuntimeError(
+                    f"scoring a group of chunk {sb.chunk} failed {sc.tries} times: {e}"
+                ) from None
+            self._score(sb, sc.group_ref, sc.tries + 1)
+            return None
+        self._reward_pid(sc.service, res.get("pid"))
+        if not res.get("failed"):
+            sb.results.append((res, sc.group_ref, sc.traj_refs))
+        return res
 
     def _reward_pid(self, i: int, pid: Any) -> None:
         """Count a RewardService restart seen through the pid in its reports (a kill between calls fails
@@ -343,18 +389,7 @@ class Trainer:
                 complete.remove(sb)
                 inflight.remove(sb)
                 consumed.add(sb.chunk)
-                order = {gid: k for k, (_, _, gid) in enumerate(sb.groups)}  # groups in chunk order too
-                for res, group_ref, traj_refs in sorted(
-                    sb.results, key=lambda r: order.get(r[0]["summaries"][0]["group_id"], 0)
-                ):
-                    base = len(st.summaries)
-                    st.accepted.extend((base + i, std, traj_refs[i]) for i, std in res["accepted"])
-                    st.summaries.extend(res["summaries"])
-                    st.rollouts.append((base, group_ref))
-                    for k, v in res.get("judge", {}).items():
-                        st.judge[k] = st.judge.get(k, 0) + v
-                    for k, v in res["drops"].items():
-                        st.drops[k] = st.drops.get(k, 0) + v
+                st.add(sb)
 
         def start(sb: _SubBatch) -> None:
             pending.remove(sb)
@@ -397,34 +432,12 @@ class Trainer:
                     sb.stream_done = True
             else:
                 sb = next(s for s in inflight if obj in s.scoring)
-                sc = sb.scoring.pop(obj)
-                try:
-                    res = ray.get(obj)
-                except ray.exceptions.ActorUnavailableError as e:
-                    # Restarting, or its node is lost and not yet declared dead: ask again, bounded in time,
-                    # not counted as a try (a node loss answers this for seconds).
-                    since = sc.unavailable_since or time.monotonic()
-                    if time.monotonic() - since > 600:
-                        raise RuntimeError(f"RewardService {sc.service} unavailable for 600 s: {e}") from None
-                    time.sleep(0.2)
-                    self._score(sb, sc.group_ref, sc.tries)
-                    next(reversed(sb.scoring.values())).unavailable_since = since
+                res = self._take_report(sb, obj)
+                if res is None:  # sent to be scored again
                     continue
-                except ray.exceptions.RayActorError as e:  # the reward service died: score it again
-                    self.events["reward_restarts"] += 1
-                    self._reward_pids[sc.service] = None
-                    log.warning("RewardService died while scoring chunk %d (%s); scoring again", sb.chunk, e)
-                    if sc.tries > cfg.trainer.max_actor_restarts + 1:
-                        raise RuntimeError(
-                            f"scoring a group of chunk {sb.chunk} failed {sc.tries} times: {e}"
-                        ) from None
-                    self._score(sb, sc.group_ref, sc.tries + 1)
-                    continue
-                self._reward_pid(sc.service, res.get("pid"))
                 if res.get("failed"):
                     self._requeue(sb, str(res.get("error", "actor died")), inflight, pending)
                     continue
-                sb.results.append((res, sc.group_ref, sc.traj_refs))
             if not sb.stream_done or sb.scoring:
                 continue
             if len(sb.results) != len(sb.groups):  # the stream ended early: its worker failed

@@ -65,8 +65,8 @@ def _run_killing(tmp_path, tiny_model_dir, cluster, kill: str) -> tuple[list[dic
     assert _node_of(tr.pools[0]) == _node_of(tr.rewards[0]) == cpu_id
     score, killed = tr._score, []
 
-    def score_then_kill(sb, ref, tries=1):
-        score(sb, ref, tries)
+    def score_then_kill(sb, ref, *retry):
+        score(sb, ref, *retry)
         if not killed:
             killed.append(kill)
             c.remove_node(nodes[kill], allow_graceful=False)  # the raylet and every worker on the node
