@@ -65,13 +65,12 @@ class KernelPool:
                     timeout=wait_s,
                 )
                 if traj_id in self._abandoned:
-                    self._opening.discard(traj_id)
-                    self._abandoned.discard(traj_id)
+                    self._end_open(traj_id)
                     return "closed while waiting for a kernel"
                 if ok:
                     self._reserved += 1
                 else:
-                    self._opening.discard(traj_id)
+                    self._end_open(traj_id)
             finally:
                 self._waiting -= 1
         if not ok:
@@ -81,15 +80,12 @@ class KernelPool:
             kernel = self.sandbox.open(list(images or []), list(videos or []))
         except Exception as e:  # noqa: BLE001 - reported through the trajectory's results
             with self._cond:
-                self._opening.discard(traj_id)
-                self._abandoned.discard(traj_id)
+                self._end_open(traj_id)
                 self._reserved -= 1
                 self._cond.notify()
             return self._open_failed(traj_id, f"{type(e).__name__}: {e}")
         with self._cond:
-            self._opening.discard(traj_id)
-            abandoned = traj_id in self._abandoned
-            self._abandoned.discard(traj_id)
+            abandoned = self._end_open(traj_id)
             # Two opens of one id (a re-submitted trajectory racing its cancelled twin) keep the newer
             # kernel; the older one is released, never dropped with its slot still held.
             replaced = None if abandoned else self._kernels.get(traj_id)
@@ -102,6 +98,13 @@ class KernelPool:
             self._release(kernel)
             return "closed while opening"
         return None
+
+    def _end_open(self, traj_id: str) -> bool:
+        """(`_cond` held) The open of `traj_id` is over; True when the trajectory was closed meanwhile."""
+        self._opening.discard(traj_id)
+        abandoned = traj_id in self._abandoned
+        self._abandoned.discard(traj_id)
+        return abandoned
 
     def _open_failed(self, traj_id: str, why: str) -> str:
         msg = f"The sandbox failed: no interpreter could be opened for this trajectory ({why})."
