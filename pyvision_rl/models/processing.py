@@ -124,9 +124,9 @@ class _PixelCache:
                 if k is not None and k in self._d:
                     self._d.move_to_end(k)
                     out[i] = self._d[k]
-        todo = [i for i, o in enumerate(out) if o is None]
-        self.hits += len(images) - len(todo)
-        self.misses += len(todo)
+            todo = [i for i, o in enumerate(out) if o is None]
+            self.hits += len(images) - len(todo)
+            self.misses += len(todo)
         if todo:
             enc = ip(images=[to_pil(images[i]) for i in todo], return_tensors="pt")
             grids = [tuple(int(x) for x in g) for g in enc["image_grid_thw"].tolist()]
