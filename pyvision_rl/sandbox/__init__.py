@@ -14,22 +14,16 @@ def make_sandbox(cfg: SandboxConfig | None = None) -> Sandbox:
     """Build the backend named by `cfg.backend` ('docker', 'process', or 'auto': docker if an engine
     answers and the image exists, else process)."""
     cfg = cfg or SandboxConfig()
-    if cfg.backend == "docker":
+    backend = cfg.backend
+    if backend == "auto":
+        from pyvision_rl.sandbox.docker_backend import docker_available
+
+        backend = "docker" if docker_available(cfg.image)[0] else "process"
+    if backend == "docker":
         from pyvision_rl.sandbox.docker_backend import DockerSandbox
 
         return DockerSandbox(cfg)
-    if cfg.backend == "process":
-        from pyvision_rl.sandbox.process_backend import ProcessSandbox
-
-        return ProcessSandbox(cfg)
-    if cfg.backend == "auto":
-        from pyvision_rl.sandbox.docker_backend import docker_available
-
-        ok, _why = docker_available(cfg.image)
-        if ok:
-            from pyvision_rl.sandbox.docker_backend import DockerSandbox
-
-            return DockerSandbox(cfg)
+    if backend == "process":
         from pyvision_rl.sandbox.process_backend import ProcessSandbox
 
         return ProcessSandbox(cfg)
