@@ -273,7 +273,10 @@ class Trainer:
             ).remote(cfg.reward.model_dump(mode="json"), cfg.rollout.n)
             for _ in range(cfg.reward.num_services)
         ]
-        self._reward_pids: dict[int, Any] = {}  # service index -> pid of its last report
+        # service index -> pid of its last report, from the start: a restart before its first report still counts
+        self._reward_pids: dict[int, Any] = {
+            i: p["pid"] for i, p in enumerate(ray.get([r.ping.remote() for r in self.rewards]))
+        }
         self._pg = pg
         self.learners = LearnerGroup(policy_path, cfg, placement_group=pg)
         self._worker_pids = {

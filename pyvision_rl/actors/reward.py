@@ -56,8 +56,9 @@ class RewardService:
             return RemoteJudge(actor, jc.timeout_s * (jc.retries + 1) + 60)
         return None
 
-    def ping(self) -> bool:
-        return True
+    def ping(self) -> dict[str, Any]:
+        """{"pid": this process's pid}: the driver's baseline for counting restarts (`score_group` reports it)."""
+        return {"pid": os.getpid()}
 
     def score(self, refs: list) -> dict[str, Any]:
         """Score the trajectory lists behind `refs` (all members of a group must be in this call).
